@@ -1,0 +1,116 @@
+"""The sparsity ledger: one meaning per number (design.md "Meanings that must never be ambiguous").
+
+Every run reports four denominators, all relative to the ORIGINAL (dense, unpruned) model so that
+removed experts count as zeros:
+
+- ``targeted``: zeros / numel over the weights the unstructured pruner targeted (in the pruned model);
+- ``decoder_linear``: 1 - nonzero(decoder Linear weights now) / numel(decoder Linear weights originally);
+- ``all_params``: 1 - nonzero(all parameters now) / numel(all parameters originally);
+- ``active_params``: 1 - active-nonzero now / active originally, where the active parameters of a
+  token are all non-routed-expert parameters plus top_k routed experts per MoE layer. After pruning
+  a layer's experts are assumed equally likely to be chosen (their mean nonzero count is used): the
+  exact value depends on the routing of each token.
+Plus ``expert``: experts removed / experts originally present (total and per layer).
+
+A top-level ``sparsity`` target means the total on ``decoder_linear``; ``derive_unstructured_ratio``
+turns it into the ratio the unstructured phase must apply to its targets.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from stun_exp.errors import ConfigError
+
+TargetFilter = Callable[[Any], bool]
+
+
+def _nz(t: torch.Tensor) -> int:
+    return int(torch.count_nonzero(t).item())
+
+
+def _targets(adapter: Any) -> Iterable[tuple[int, Any]]:
+    for l in range(len(adapter.layers)):
+        for t in adapter.linear_targets(l):
+            yield l, t
+
+
+def census(model: torch.nn.Module, adapter: Any) -> dict[str, Any]:
+    """numel / nonzero counts of the current model, with the expert structure per layer."""
+    dec_numel = dec_nz = routed_numel = routed_nz = 0
+    per_layer: dict[int, dict[str, float]] = {}
+    for l, t in _targets(adapter):
+        n, z = t.weight.numel(), _nz(t.weight)
+        dec_numel, dec_nz = dec_numel + n, dec_nz + z
+        if t.kind == "expert":
+            routed_numel, routed_nz = routed_numel + n, routed_nz + z
+            pl = per_layer.setdefault(l, {"expert_numel": 0, "expert_nz": 0})
+            pl["expert_numel"] += n
+            pl["expert_nz"] += z
+    all_numel = sum(p.numel() for p in model.parameters())
+    all_nz = sum(_nz(p.data) for p in model.parameters())
+    experts = {l: adapter.num_experts(l) for l in adapter.moe_layers}
+    k = adapter.top_k
+    active_expert = sum(k * v["expert_numel"] / max(experts[l], 1) for l, v in per_layer.items())
+    active_expert_nz = sum(k * v["expert_nz"] / max(experts[l], 1) for l, v in per_layer.items())
+    return {
+        "decoder_linear_numel": dec_numel, "decoder_linear_nonzero": dec_nz,
+        "all_params_numel": all_numel, "all_params_nonzero": all_nz,
+        "routed_numel": routed_numel, "routed_nonzero": routed_nz,
+        "active_numel": all_numel - routed_numel + active_expert,
+        "active_nonzero": all_nz - routed_nz + active_expert_nz,
+        "experts": {str(l): n for l, n in experts.items()},
+    }
+
+
+def sparsity_report(original: dict[str, Any], now: dict[str, Any],
+                    targeted: Optional[tuple[int, int]] = None) -> dict[str, Any]:
+    """All four denominators (plus expert sparsity) from two censuses. ``targeted`` = (numel, zeros)."""
+    e0 = {int(k): v for k, v in original["experts"].items()}
+    e1 = {int(k): v for k, v in now["experts"].items()}
+    rep = {
+        "decoder_linear": 1 - now["decoder_linear_nonzero"] / original["decoder_linear_numel"],
+        "all_params": 1 - now["all_params_nonzero"] / original["all_params_numel"],
+        "active_params": 1 - now["active_nonzero"] / original["active_numel"],
+        "expert": 1 - sum(e1.values()) / max(sum(e0.values()), 1),
+        "expert_per_layer": {str(l): 1 - e1.get(l, 0) / n for l, n in sorted(e0.items())},
+        "experts_before": sum(e0.values()), "experts_after": sum(e1.values()),
+    }
+    rep["targeted"] = (targeted[1] / targeted[0]) if targeted and targeted[0] else None
+    return rep
+
+
+def targeted_counts(adapter: Any, is_targeted: TargetFilter) -> tuple[int, int]:
+    """(numel, zeros) over the targets selected by ``is_targeted``."""
+    numel = zeros = 0
+    for _, t in _targets(adapter):
+        if is_targeted(t):
+            numel += t.weight.numel()
+            zeros += t.weight.numel() - _nz(t.weight)
+    return numel, zeros
+
+
+def derive_unstructured_ratio(total: float, original: dict[str, Any], adapter: Any,
+                              is_targeted: TargetFilter) -> dict[str, float]:
+    """The unstructured ratio r that lands decoder-Linear sparsity (vs the original) at ``total``.
+
+    zeros_after = (original numel - nonzero now) + r * nonzero-targeted-now, solved for r. Raises
+    ConfigError when expert pruning alone already exceeds the target or the target is unreachable
+    within the unstructured scope.
+    """
+    orig = original["decoder_linear_numel"]
+    now_nz = sum(_nz(t.weight) for _, t in _targets(adapter))
+    tgt_numel, tgt_zeros = targeted_counts(adapter, is_targeted)
+    tgt_nz = tgt_numel - tgt_zeros
+    already = 1 - now_nz / orig
+    if total < already - 1e-9:
+        raise ConfigError("sparsity", total, f"at least {already:.4f}: expert pruning alone already "
+                          f"removes {already:.2%} of the original decoder Linear weights")
+    r = (total - already) * orig / max(tgt_nz, 1)
+    # the pruner's ratio counts existing zeros in its targets too: convert to a ratio over targets
+    ratio = (tgt_zeros + r * tgt_nz) / max(tgt_numel, 1)
+    if ratio >= 1:
+        raise ConfigError("sparsity", total, f"a target reachable within the unstructured scope "
+                          f"(it would need {ratio:.2%} of the targeted weights)")
+    return {"total_target": total, "structured_share": already, "unstructured_ratio": ratio}
