@@ -1,0 +1,91 @@
+"""Kurtosis against scipy.stats.kurtosis (an independent implementation) on random tensors."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from stun_exp.analysis.kurtosis import kurtosis, kurtosis_report, pooled_kurtosis
+from stun_exp.models.adapter import Target
+
+
+@pytest.mark.parametrize("dist", ["normal", "laplace", "uniform", "student"])
+@pytest.mark.parametrize("chunk", [7, 1 << 22])
+def test_matches_scipy(dist: str, chunk: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = {"normal": lambda: torch.randn(37, 23, generator=g),
+         "laplace": lambda: torch.distributions.Laplace(0.3, 2.0).sample((37, 23)),
+         "uniform": lambda: torch.rand(37, 23, generator=g) * 5 - 1,
+         "student": lambda: torch.distributions.StudentT(5.0).sample((37, 23))}[dist]()
+    ref = stats.kurtosis(x.double().numpy().ravel(), fisher=False, bias=True)
+    assert kurtosis(x, chunk=chunk) == pytest.approx(ref, rel=1e-10)
+    assert kurtosis(x, excess=True, chunk=chunk) == pytest.approx(ref - 3.0, rel=1e-9, abs=1e-12)
+    assert kurtosis(x.to(torch.bfloat16), chunk=chunk) == pytest.approx(
+        stats.kurtosis(x.to(torch.bfloat16).double().numpy().ravel(), fisher=False), rel=1e-10)
+
+
+def test_known_values() -> None:
+    # {-1, 1}: m2 = 1, m4 = 1 -> plain 1.0 (the minimum); uniform-ish -> 1.8; large normal -> ~3
+    assert kurtosis(torch.tensor([-1.0, 1.0, -1.0, 1.0])) == pytest.approx(1.0)
+    assert kurtosis(torch.linspace(-1, 1, 100001)) == pytest.approx(1.8, abs=1e-3)
+    assert kurtosis(torch.randn(200000)) == pytest.approx(3.0, abs=0.1)
+    assert math.isnan(kurtosis(torch.ones(5)))
+
+
+def test_pooled_is_concatenation_and_differs_from_mean() -> None:
+    a, b = torch.randn(50, 8), 10 * torch.randn(30, 8)
+    ref = stats.kurtosis(torch.cat([a.ravel(), b.ravel()]).double().numpy(), fisher=False)
+    assert pooled_kurtosis([a, b], chunk=13) == pytest.approx(ref, rel=1e-10)
+    # pooling matrices of different variance inflates kurtosis over the mean of the parts
+    assert pooled_kurtosis([a, b]) > (kurtosis(a) + kurtosis(b)) / 2 + 1.0
+
+
+def test_nonzero_only() -> None:
+    x = torch.randn(40, 40)
+    masked = x * (torch.rand(40, 40) > 0.5)
+    nz = masked[masked != 0].double().numpy()
+    assert kurtosis(masked, nonzero_only=True, chunk=11) == pytest.approx(
+        stats.kurtosis(nz, fisher=False), rel=1e-10)
+    # zeros (a spike at 0) change the value: the labelled option exists for a reason
+    assert abs(kurtosis(masked) - kurtosis(masked, nonzero_only=True)) > 0.3
+
+
+def _fake_adapter(mats: dict[int, list[tuple[str, torch.Tensor]]]) -> SimpleNamespace:
+    def targets(layer: int) -> list[Target]:
+        out = []
+        for i, (kind, w) in enumerate(mats[layer]):
+            out.append(Target(name=f"l{layer}.{kind}{i}", kind=kind, weight=w,
+                              expert=i if kind == "expert" else None,
+                              matrix="up" if kind == "expert" else None))
+        return out
+    return SimpleNamespace(layers=[None] * len(mats), linear_targets=targets)
+
+
+def test_report_aggregates() -> None:
+    g = torch.Generator().manual_seed(3)
+    e = [torch.randn(8, 6, generator=g) * s for s in (1.0, 3.0)]
+    att = torch.randn(6, 6, generator=g)
+    e1 = [torch.randn(4, 6, generator=g), torch.randn(16, 6, generator=g)]
+    ad = _fake_adapter({0: [("attention", att), ("expert", e[0]), ("expert", e[1])],
+                        1: [("expert", e1[0]), ("expert", e1[1])]})
+    rep = kurtosis_report(ad)
+    sk = lambda t: stats.kurtosis(t.double().numpy().ravel(), fisher=False)  # noqa: E731
+    k = {"att": sk(att), "e0": sk(e[0]), "e1": sk(e[1]), "f0": sk(e1[0]), "f1": sk(e1[1])}
+    l0 = rep["per_layer"]["0"]
+    assert l0["expert_mean"] == pytest.approx((k["e0"] + k["e1"]) / 2)
+    assert l0["all_mean"] == pytest.approx((k["att"] + k["e0"] + k["e1"]) / 3)
+    assert l0["expert_pooled"] == pytest.approx(sk(torch.cat([e[0].ravel(), e[1].ravel()])))
+    m = rep["model"]
+    assert m["expert_mean"] == pytest.approx((k["e0"] + k["e1"] + k["f0"] + k["f1"]) / 4)
+    w = np.array([48, 48, 24, 96.0])
+    assert m["expert_weighted"] == pytest.approx(
+        float(np.dot(w, [k["e0"], k["e1"], k["f0"], k["f1"]]) / w.sum()))
+    assert m["all_weighted"] == pytest.approx(
+        float(np.dot([36, 48, 48, 24, 96], [k["att"], k["e0"], k["e1"], k["f0"], k["f1"]]) / 252))
+    assert m["all_mean_excess"] == pytest.approx(m["all_mean"] - 3)
+    assert len(rep["per_matrix"]) == 5 and rep["nonzero_only"] is False
+    assert kurtosis_report(ad, nonzero_only=True)["label"] == "non-zero entries only"
