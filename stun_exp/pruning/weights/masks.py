@@ -1,0 +1,77 @@
+"""Mask selection: pure functions from a score matrix to a boolean mask (True = prune).
+
+Rules follow the reference code (locuslab/wanda ``lib/prune.py``):
+
+* ``row_mask``: per output row, the floor(C_in * s) lowest scores, stable sort (ties fall to the
+  lower column index). Every row ends at the same sparsity.
+* ``threshold_mask``: one threshold over the whole matrix, thr = sorted(scores)[floor(numel * s)],
+  prune score <= thr. This is the Wanda repo's magnitude baseline; note it prunes one entry more
+  than floor(numel * s) (plus ties). Difference from the code: s == 0 prunes nothing here (the
+  code would still prune the minimum).
+* ``nm_mask``: in each row, every group of M consecutive input columns loses its N lowest scores
+  (stable within the group; the reference uses topk, whose tie order is unspecified).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def parse_nm(nm: str | None) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4); None -> None. N is the number PRUNED per group of M."""
+    if nm is None:
+        return None
+    try:
+        n, m = (int(v) for v in str(nm).split(":"))
+    except ValueError as e:
+        raise ValueError(f"N:M pattern {nm!r} is not of the form 'N:M'") from e
+    if not 0 < n < m:
+        raise ValueError(f"N:M pattern {nm!r} needs 0 < N < M")
+    return n, m
+
+
+def row_mask(score: Tensor, sparsity: float) -> Tensor:
+    """Prune the floor(C_in * sparsity) lowest scores of every row (stable)."""
+    k = int(score.shape[1] * sparsity)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k > 0:
+        idx = torch.sort(score, dim=1, stable=True).indices[:, :k]
+        mask.scatter_(1, idx, True)
+    return mask
+
+
+def threshold_mask(score: Tensor, sparsity: float) -> Tensor:
+    """Prune score <= the value at sorted position floor(numel * sparsity) (whole matrix)."""
+    if sparsity <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    thr = torch.sort(score.flatten()).values[int(score.numel() * sparsity)]
+    return score <= thr
+
+
+def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
+    """Prune the n lowest scores in every group of m consecutive input columns of each row."""
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"N:M {n}:{m} needs the input width ({cols}) to be a multiple of {m}")
+    groups = score.reshape(rows, cols // m, m)
+    idx = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+    return mask.reshape(rows, cols)
+
+
+def select_mask(score: Tensor, sparsity: float, group: str = "row",
+                nm: tuple[int, int] | None = None) -> Tensor:
+    """One entry point: N:M when given, else the comparison group ("row" or "matrix")."""
+    if nm is not None:
+        return nm_mask(score, *nm)
+    if group == "row":
+        return row_mask(score, sparsity)
+    if group == "matrix":
+        return threshold_mask(score, sparsity)
+    raise ValueError(f"unknown comparison group {group!r}; known: row, matrix")
+
+
+@torch.no_grad()
+def apply_mask_(weight: Tensor, mask: Tensor) -> None:
+    """Zero the masked entries in place, in the weight's own dtype (write-through for views)."""
+    weight.masked_fill_(mask.to(weight.device), 0)

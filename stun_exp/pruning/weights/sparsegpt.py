@@ -1,0 +1,78 @@
+"""SparseGPT (Frantar & Alistarh 2023; IST-DASLab/sparsegpt ``sparsegpt.py``) as a pure function.
+
+Given one weight W [C_out, C_in] and its input Hessian H ~ sum_t x_t x_t^T [C_in, C_in] (any
+positive scale: dampening is relative to mean(diag H), so the scale cancels):
+
+1. Dead inputs (H_ii == 0): set H_ii = 1 and zero column i of W.
+2. H += percdamp * mean(diag H) * I;  U = chol(H^-1, upper).
+3. Column blocks of ``blocksize``: unstructured masks are chosen per block jointly over all
+   rows (score w^2 / U_jj^2, prune score <= value at sorted position floor(numel * s));
+   N:M masks per row per group of M just before the group is processed (on the already
+   updated weights). Each pruned column's error is propagated to the later columns (OBS update),
+   within the block immediately and to later blocks lazily.
+
+Differences from the reference code: s == 0 prunes nothing (the code would prune the minimum of
+each block); N:M ties fall to the lower index (stable sort instead of topk).
+MoE (methods.md D.5): an expert's H comes from its routed tokens only; a zero-token expert has
+H == 0 and would be zeroed wholesale, so the caller must not pass it here (policy in engine).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from stun_exp.pruning.weights.masks import nm_mask
+
+
+def _inverse_factor(h: Tensor, w: Tensor, percdamp: float) -> Tensor:
+    """Prepare H (dead inputs, dampening) and return the upper Cholesky factor of H^-1."""
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    damp = percdamp * torch.mean(torch.diagonal(h))
+    h += damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(hinv, upper=True)
+
+
+@torch.no_grad()
+def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float,
+                    nm: tuple[int, int] | None = None, blocksize: int = 128,
+                    percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """Return (updated weight in fp32, boolean mask of pruned entries). Inputs are not modified."""
+    w = weight.detach().float().clone()
+    h = hessian.detach().to(w.device, torch.float32).clone()
+    u = _inverse_factor(h, w, percdamp)
+    cols = w.shape[1]
+    if nm is not None and (blocksize % nm[1] or cols % nm[1]):
+        raise ValueError(f"N:M {nm} needs blocksize ({blocksize}) and width ({cols}) divisible by M")
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        d = torch.diagonal(u1)
+        m1 = _block_mask(w1, d, sparsity) if nm is None else torch.zeros_like(w1, dtype=torch.bool)
+        err1 = torch.zeros_like(w1)
+        for c in range(i2 - i1):
+            if nm is not None and c % nm[1] == 0:
+                grp = w1[:, c:c + nm[1]] ** 2 / d[c:c + nm[1]].unsqueeze(0) ** 2
+                m1[:, c:c + nm[1]] |= nm_mask(grp, *nm)
+            col = w1[:, c]
+            q = col.masked_fill(m1[:, c], 0.0)
+            err = (col - q) / d[c]
+            w1[:, c:] -= err.unsqueeze(1) * u1[c, c:].unsqueeze(0)
+            w1[:, c] = q
+            err1[:, c] = err
+        w[:, i1:i2] = w1
+        mask[:, i1:i2] = m1
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return w, mask
+
+
+def _block_mask(w1: Tensor, d: Tensor, sparsity: float) -> Tensor:
+    """Unstructured mask of one column block, one threshold over all rows of the block."""
+    if sparsity <= 0:
+        return torch.zeros_like(w1, dtype=torch.bool)
+    score = w1 ** 2 / d.unsqueeze(0) ** 2
+    thr = torch.sort(score.flatten()).values[int(score.numel() * sparsity)]
+    return score <= thr
