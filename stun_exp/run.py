@@ -1,0 +1,75 @@
+"""Entry point: ``stun-exp`` (= ``python -m stun_exp.run``) -> ``run(cfg) -> dict``.
+
+Stages, in this fixed order (design.md): validate -> model -> calib -> expert pruner ->
+unstructured pruner -> distill -> analyse -> evaluate -> record. Every stage is a config group;
+``none`` skips a pruner, distillation or evaluation.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from stun_exp.config.schema import register_all
+from stun_exp.errors import ConfigError, DataError
+
+register_all()
+log = logging.getLogger("stun_exp")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment; returns the results dict that is also written to results.json."""
+    from stun_exp import pipeline  # heavy imports (torch, transformers) only after the CLI parsed
+    return pipeline.run_pipeline(cfg, _run_dir())
+
+
+def _run_dir() -> str | None:
+    try:
+        return HydraConfig.get().runtime.output_dir
+    except ValueError:  # run() called outside Hydra (tests, notebooks)
+        return None
+
+
+def _is_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode.name == "MULTIRUN"
+    except ValueError:
+        return False
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def _hydra_entry(cfg: DictConfig) -> Any:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    try:
+        return run(cfg)["summary"]
+    except (ConfigError, DataError) as e:
+        # One clear line, no traceback. In a multirun the other jobs go on (the failure is recorded).
+        print(f"stun-exp: error: {e}", file=sys.stderr, flush=True)
+        if _is_multirun():
+            from stun_exp.tracking.sweep import record_failure
+            record_failure(_run_dir(), e)
+            return None
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001
+        if _is_multirun():
+            from stun_exp.tracking.sweep import record_failure
+            log.exception("job failed")
+            record_failure(_run_dir(), e)
+            return None
+        raise
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    _hydra_entry()
+    log.debug("total %.1fs", time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()
