@@ -52,7 +52,8 @@ def _deepseek_v2():
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
     cfg = DeepseekV2Config(**COMMON, intermediate_size=24, moe_intermediate_size=16, n_routed_experts=8,
                            num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
-                           n_group=1, topk_group=1, topk_method="greedy", routed_scaling_factor=1.0,
+                           n_group=2, topk_group=1, topk_method="group_limited_greedy",
+                           routed_scaling_factor=1.5,
                            kv_lora_rank=8, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4,
                            v_head_dim=8, head_dim=4)
     return DeepseekV2ForCausalLM(cfg)
@@ -71,7 +72,7 @@ def _deepseek_v3():
 def _phimoe():
     from transformers import PhimoeConfig, PhimoeForCausalLM
     cfg = PhimoeConfig(**COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
-                       router_jitter_noise=0.0, input_jitter_noise=0.0)
+                       router_jitter_noise=0.01, input_jitter_noise=0.0)  # 0.01 = PhiMoE's own default
     return PhimoeForCausalLM(cfg)
 
 
