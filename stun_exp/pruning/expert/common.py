@@ -1,0 +1,63 @@
+"""Helpers every expert pruner shares: calibration passes with forward-pass accounting, timing."""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def calib_batches(calib: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Split the [n, seqlen] calibration ids into consecutive batches of ``batch_size`` sequences."""
+    return [calib[i:i + batch_size] for i in range(0, calib.shape[0], batch_size)]
+
+
+@torch.no_grad()
+def forward_calibration(ctx: Any, batch_size: int) -> int:
+    """One full-model pass over ``ctx.calib``; counts one ``full_model_forwards`` per batch."""
+    batches = calib_batches(ctx.calib, batch_size)
+    for b in batches:
+        ctx.model(input_ids=b.to(ctx.device), use_cache=False)
+        ctx.counters.full_model_forwards += 1
+    return len(batches)
+
+
+def observe(ctx: Any, batch_size: int, keep_logits: bool = False) -> tuple[dict, int]:
+    """Router statistics of one calibration pass: (``obs.stats``, number of full-model forwards)."""
+    from stun_exp.observe.observer import ExpertObserver
+    kwargs = {"keep_logits": True} if keep_logits else {}
+    with ExpertObserver(ctx.adapter, **kwargs) as obs:
+        passes = forward_calibration(ctx, batch_size)
+    return obs.stats, passes
+
+
+def stat(s: Any, key: str) -> Any:
+    """Field of one layer's observer statistics, whether it is a mapping or an object."""
+    if isinstance(s, dict):
+        return s[key]
+    return getattr(s, key)
+
+
+def router_weights(adapter: Any) -> dict[int, torch.Tensor]:
+    """fp32 CPU copies of every MoE layer's router matrix [E_l, H]."""
+    return {l: adapter.router_weight(l).detach().float().cpu() for l in adapter.moe_layers}
+
+
+@contextmanager
+def timed(meta: dict, key: str = "wall_time_s") -> Iterator[None]:
+    """Record the wall time of the block into ``meta[key]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        meta[key] = round(time.perf_counter() - t0, 4)
+
+
+def counters_delta(ctx: Any, before: dict[str, int]) -> dict[str, int]:
+    """Forward passes this pruner ran (difference of ``ctx.counters`` since ``before``)."""
+    now = ctx.counters.as_dict()
+    return {k: now[k] - before.get(k, 0) for k in now}

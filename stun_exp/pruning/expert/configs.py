@@ -1,0 +1,202 @@
+"""Typed schemas of the ``expert_pruner`` config group (field names are a public contract).
+
+Each dataclass is ``schema_<name>`` in Hydra's ConfigStore, carries the ``_target_`` class that
+``hydra.utils.instantiate`` builds, and validates itself before any model loads
+(``validate(info)``; ``info`` is a ``ModelInfo`` or None for the model-free checks).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from stun_exp.config.schema import Validatable, check_choice, check_range, schema
+from stun_exp.errors import ConfigError
+from stun_exp.pruning.expert.selection import n_kept, n_removed
+
+_PKG = "stun_exp.pruning.expert"
+SCOPES = ["layer", "global"]
+
+
+def _total(info: Any) -> int:
+    return sum(info.experts_per_layer[l] for l in info.moe_layers)
+
+
+def _check_sparsity_keeps_topk(key: str, s: float, scope: str, info: Any) -> None:
+    """expert_sparsity must leave ≥ top_k experts in every layer (layer scope) / overall (global)."""
+    if info is None:
+        return
+    k = info.top_k
+    if scope == "layer":
+        for l in info.moe_layers:
+            n = info.experts_per_layer[l]
+            if n_kept(s, n) < k:
+                raise ConfigError(key, s, f"a fraction that keeps >= top_k={k} of the {n} experts of "
+                                  f"layer {l} (at most {(n - k) / n:.4g})")
+    else:
+        drop = n_removed(s, _total(info))
+        room = sum(info.experts_per_layer[l] - k for l in info.moe_layers)
+        if drop > room:
+            raise ConfigError(key, s, f"a fraction removing at most {room} experts (top_k={k} per layer)")
+
+
+@schema("expert_pruner", "none")
+@dataclass
+class NoneExpertPrunerConfig(Validatable):
+    """``expert_pruner=none``: the runner skips the expert stage (``name == 'none'``)."""
+    _target_: Optional[str] = None
+    name: str = "none"
+
+
+@dataclass
+class _ScoredConfig(Validatable):
+    """Fields shared by the score-ranking baselines."""
+    expert_sparsity: float = 0.25
+    scope: str = "layer"
+    calib_batch_size: int = 8
+
+    def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
+        check_range(f"{prefix}.expert_sparsity", self.expert_sparsity, 0.0, 1.0)
+        check_choice(f"{prefix}.scope", self.scope, SCOPES)
+        if self.calib_batch_size < 1:
+            raise ConfigError(f"{prefix}.calib_batch_size", self.calib_batch_size, "an integer >= 1")
+        _check_sparsity_keeps_topk(f"{prefix}.expert_sparsity", self.expert_sparsity, self.scope, info)
+
+
+@schema("expert_pruner", "frequency")
+@dataclass
+class FrequencyConfig(_ScoredConfig):
+    _target_: str = f"{_PKG}.baselines.FrequencyPruner"
+    name: str = "frequency"
+
+
+ROUTING_SCORE_VARIANTS = ["soft_topk_mean", "soft_full_mean", "conditional_mean"]
+
+
+@schema("expert_pruner", "routing_score")
+@dataclass
+class RoutingScoreConfig(_ScoredConfig):
+    _target_: str = f"{_PKG}.baselines.RoutingScorePruner"
+    name: str = "routing_score"
+    variant: str = "soft_topk_mean"
+
+    def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
+        check_choice(f"{prefix}.variant", self.variant, ROUTING_SCORE_VARIANTS)
+        super().validate(info, prefix)
+
+
+@schema("expert_pruner", "random")
+@dataclass
+class RandomConfig(_ScoredConfig):
+    _target_: str = f"{_PKG}.baselines.RandomPruner"
+    name: str = "random"
+    seed: int = 0
+
+
+@schema("expert_pruner", "router_change")
+@dataclass
+class RouterChangeConfig(_ScoredConfig):
+    _target_: str = f"{_PKG}.router_change.RouterChangePruner"
+    name: str = "router_change"
+    pretrained_path: Optional[str] = None
+    delta: str = "norm_diff"
+    removal: str = "zero_output"
+
+    def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
+        if not self.pretrained_path:
+            raise ConfigError(f"{prefix}.pretrained_path", self.pretrained_path,
+                              "the path of the model BEFORE fine-tuning (HF directory or a torch file "
+                              "mapping layer -> router weight [E, H])")
+        check_choice(f"{prefix}.delta", self.delta, ["norm_diff", "diff_norm"])
+        check_choice(f"{prefix}.removal", self.removal, ["zero_output", "slice_router"])
+        super().validate(info, prefix)
+
+
+@schema("expert_pruner", "lu_combinatorial")
+@dataclass
+class LuCombinatorialConfig(_ScoredConfig):
+    _target_: str = f"{_PKG}.lu.LuCombinatorialPruner"
+    name: str = "lu_combinatorial"
+    variant: str = "layerwise"
+    max_candidates: int = 10000
+
+    def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
+        check_choice(f"{prefix}.variant", self.variant, ["layerwise", "progressive"])
+        if self.scope != "layer":
+            raise ConfigError(f"{prefix}.scope", self.scope, "layer",
+                              "Lu et al. keep the same count r in every layer")
+        super().validate(info, prefix)
+        if info is not None:
+            from stun_exp.pruning.expert.lu import check_budget
+            check_budget(dict(info.experts_per_layer), info.moe_layers, self.expert_sparsity,
+                         self.max_candidates, f"{prefix}.max_candidates")
+
+
+STUN_DISTANCES = ["router", "coactivation", "mixed"]
+
+
+@schema("expert_pruner", "stun")
+@dataclass
+class StunConfig(Validatable):
+    _target_: str = f"{_PKG}.stun.StunPruner"
+    name: str = "stun"
+    distance: str = "router"
+    mix_weight: Optional[float] = None
+    normalize: bool = True
+    coact_divide_mean: bool = True
+    coactivation_path: Optional[str] = None
+    max_merges_per_layer: Optional[int] = 1      # null = no cap
+    threshold: float = math.inf
+    target_experts: Optional[int] = None
+    expert_sparsity: Optional[float] = None
+    reconstruct_max_clusters: int = 0
+    reconstruct_rule: str = "layer_clusters"
+    kappa: int = 3
+    search_init: float = 0.5
+    search_step: float = 0.1
+    search_max_iters: int = 100
+    calib_batch_size: int = 8
+
+    def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
+        check_choice(f"{prefix}.distance", self.distance, STUN_DISTANCES)
+        check_choice(f"{prefix}.reconstruct_rule", self.reconstruct_rule, ["layer_clusters", "cluster_size"])
+        if self.distance == "mixed" and self.mix_weight is None:
+            raise ConfigError(f"{prefix}.mix_weight", None, "a number (λ) when distance=mixed")
+        if self.target_experts is not None and self.expert_sparsity is not None:
+            raise ConfigError(f"{prefix}.target_experts", self.target_experts,
+                              "null when expert_sparsity is set (give one of the two)")
+        if self.expert_sparsity is not None:
+            check_range(f"{prefix}.expert_sparsity", self.expert_sparsity, 0.0, 1.0)
+        if self.max_merges_per_layer is not None and self.max_merges_per_layer < 0:
+            raise ConfigError(f"{prefix}.max_merges_per_layer", self.max_merges_per_layer,
+                              "an integer >= 0 or null (no cap)")
+        if self.kappa < 2:
+            raise ConfigError(f"{prefix}.kappa", self.kappa, "an integer >= 2")
+        if not self.search_step > 0:
+            raise ConfigError(f"{prefix}.search_step", self.search_step, "a number > 0")
+        if self.calib_batch_size < 1 or self.search_max_iters < 1:
+            raise ConfigError(f"{prefix}.calib_batch_size", self.calib_batch_size, "an integer >= 1")
+        if info is not None:
+            self._check_target(info, prefix)
+
+    def target(self, info: Any) -> Optional[int]:
+        """Total experts to keep (None = one pass at ``threshold``)."""
+        if self.target_experts is not None:
+            return int(self.target_experts)
+        if self.expert_sparsity is not None:
+            return n_kept(self.expert_sparsity, _total(info))
+        return None
+
+    def _check_target(self, info: Any, prefix: str) -> None:
+        target, total = self.target(info), _total(info)
+        if target is None:
+            return
+        m = self.max_merges_per_layer
+        floor = sum(max(1, info.experts_per_layer[l] - (m if m is not None else 10**9))
+                    for l in info.moe_layers)
+        key = f"{prefix}.target_experts" if self.target_experts is not None else f"{prefix}.expert_sparsity"
+        val = self.target_experts if self.target_experts is not None else self.expert_sparsity
+        if not floor <= target <= total:
+            raise ConfigError(key, val, f"a target between {floor} and {total} kept experts "
+                              f"(asked {target}; with max_merges_per_layer={m} each layer keeps at "
+                              f"least n-{m}; raise max_merges_per_layer or set it to null)")

@@ -1,0 +1,125 @@
+"""``expert_pruner=stun``: STUN phase 1 (Lee et al. 2024), faithful to thnkinbtfly/STUN merge_weight.py.
+
+Per MoE layer: an expert distance matrix (router rows: 0 forward passes; co-activation: one
+calibration pass, or a precomputed ``coactivation_path``), the greedy star-linkage clustering at one
+global threshold τ, then one surviving expert per cluster: the member closest to the cluster's mean
+weights (kept unchanged, with its router row) or, under the reconstruction rule, the average expert
+(surgery averages weights and router rows). Math lives in ``clustering.py`` and ``search.py``.
+
+Differences from the reference, all deliberate:
+* Co-activation uses the observer's top-k pair counts, i.e. the model's own routing. For softmax
+  top-2 routers (Mixtral, Arctic) this is exactly the reference's statistic (top-2 of softmax of the
+  raw logits); the reference hard-codes 2 even for other k.
+* ``coactivation_path`` keys are decoder-layer indices (int or str); the reference's are MoE-layer
+  positions, which coincide for Mixtral and Arctic.
+* When no τ gives the target total exactly, the search falls back to the nearest total instead of
+  exiting (``search.py``); the achieved count is in ``plan.meta['search']``.
+* Weights and centroids in fp32 (the code uses bf16); the group order is by smallest member id (the
+  code iterates a Python set).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from stun_exp.errors import ConfigError
+from stun_exp.pruning.expert import clustering as C
+from stun_exp.pruning.expert.common import counters_delta, observe, router_weights, stat, timed
+from stun_exp.pruning.expert.configs import StunConfig
+from stun_exp.pruning.expert.plan import ExpertPlan, LayerPlan
+from stun_exp.pruning.expert.search import search_threshold
+
+log = logging.getLogger(__name__)
+
+
+def layer_distance(cfg: StunConfig, router: Optional[torch.Tensor],
+                   coact: Optional[torch.Tensor]) -> torch.Tensor:
+    """The [E, E] distance matrix of one layer for ``cfg.distance``."""
+    if cfg.distance == "router":
+        return C.router_distance(router, cfg.normalize)
+    if cfg.distance == "coactivation":
+        return C.coactivation_distance(coact, cfg.coact_divide_mean)
+    return C.mixed_distance(router, coact, float(cfg.mix_weight))
+
+
+def cluster_layers(dists: Mapping[int, torch.Tensor], cfg: StunConfig,
+                   target: Optional[int]) -> tuple[dict[int, list[list[int]]], dict]:
+    """Clusters of every layer at the searched (or fixed) global τ, plus the search facts."""
+    pairs = {l: C.SortedPairs.from_matrix(d) for l, d in dists.items()}
+    m = cfg.max_merges_per_layer
+
+    def total_at(tau: float) -> int:
+        return sum(len(C.greedy_clusters(p, tau, m)) for p in pairs.values())
+
+    if target is None:
+        tau, meta = float(cfg.threshold), {"threshold": float(cfg.threshold), "searched": False}
+    else:
+        res = search_threshold(total_at, target, cfg.search_init, cfg.search_step, cfg.search_max_iters)
+        if not res.hit:
+            log.warning("STUN: no threshold keeps exactly %d experts; using tau=%g keeping %d (%s)",
+                        target, res.threshold, res.total, res.stop_reason)
+        tau, meta = res.threshold, {"searched": True, **res.as_meta(target)}
+    return {l: C.greedy_clusters(p, tau, m) for l, p in pairs.items()}, meta
+
+
+def layer_plan(clusters: Sequence[Sequence[int]], weights_of: Callable[[int], list[torch.Tensor]],
+               cfg: StunConfig) -> LayerPlan:
+    """Groups and representatives (None = averaged) of one layer."""
+    avg = C.reconstruct_flags(clusters, cfg.reconstruct_rule, cfg.reconstruct_max_clusters, cfg.kappa)
+    reps = [None if a else C.representative(c, [weights_of(e) for e in c]) for c, a in zip(clusters, avg)]
+    return LayerPlan([list(c) for c in clusters], reps)
+
+
+def load_coactivation(path: str, layers: Sequence[int], experts: Mapping[int, int]) -> dict[int, torch.Tensor]:
+    """Precomputed counts: a torch file mapping layer index (int or str) -> [E, E] tensor."""
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    out = {}
+    for l in layers:
+        t = raw.get(l, raw.get(str(l)))
+        if t is None or tuple(t.shape) != (experts[l], experts[l]):
+            got = None if t is None else tuple(t.shape)
+            raise ConfigError("expert_pruner.coactivation_path", path,
+                              f"a file mapping each MoE layer to a [{experts[l]}, {experts[l]}] tensor "
+                              f"(layer {l}: got {got})")
+        out[l] = torch.as_tensor(t).float()
+    return out
+
+
+class StunPruner:
+    """Built by ``hydra.utils.instantiate(cfg.expert_pruner)``; fields as in ``StunConfig``."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.cfg = StunConfig(**fields)
+
+    def _coactivation(self, ctx: Any, meta: dict) -> dict[int, torch.Tensor]:
+        a = ctx.adapter
+        if self.cfg.coactivation_path:
+            meta["coactivation_source"] = str(self.cfg.coactivation_path)
+            return load_coactivation(self.cfg.coactivation_path, a.moe_layers,
+                                     {l: a.num_experts(l) for l in a.moe_layers})
+        stats, passes = observe(ctx, self.cfg.calib_batch_size)
+        meta["coactivation_source"] = f"calibration pass ({passes} batches)"
+        return {l: stat(stats[l], "coact").detach().float().cpu() for l in a.moe_layers}
+
+    def plan(self, ctx: Any) -> ExpertPlan:
+        cfg, a = self.cfg, ctx.adapter
+        info = a.model_info()
+        cfg.validate(info)
+        meta: dict[str, Any] = {"distance": cfg.distance}
+        before = ctx.counters.as_dict()
+        with timed(meta):
+            routers = router_weights(a) if cfg.distance in ("router", "mixed") else {}
+            coact = self._coactivation(ctx, meta) if cfg.distance != "router" else {}
+            dists = {l: layer_distance(cfg, routers.get(l), coact.get(l)) for l in a.moe_layers}
+            clusters, meta["search"] = cluster_layers(dists, cfg, cfg.target(info))
+
+            def weights_of(l: int) -> Callable[[int], list[torch.Tensor]]:
+                return lambda e: [w for _, w in sorted(a.expert(l, e).items())]
+
+            layers = {l: layer_plan(clusters[l], weights_of(l), cfg) for l in a.moe_layers}
+        meta["forward_passes"] = counters_delta(ctx, before)
+        meta["experts_per_layer_after"] = {str(l): len(lp.groups) for l, lp in layers.items()}
+        before_total = sum(a.num_experts(l) for l in a.moe_layers)
+        return ExpertPlan("stun", before_total, layers, "slice_router", meta)
