@@ -183,7 +183,7 @@ def run_pipeline(cfg: DictConfig, run_dir_s: str | None) -> dict[str, Any]:
         adapter = get_adapter(model)
     with timer.stage("calib"):
         from stun_exp.data.calib import load_calibration
-        calib = load_calibration(cfg.calib, tok, str(model_dir) if model_dir else None)
+        calib = load_calibration(cfg.calib, tok, int(cfg.model.seed) if cfg.model.kind == "toy" else 0)
     ctx = RunContext(cfg, model, tok, adapter, calib, device, str(run_dir) if run_dir else None)
     ctx.info.update(pretrained_path=pretrained, model_dir=str(model_dir) if model_dir else None, model_info=info)
     if cfg.distill.name != "none":

@@ -44,8 +44,6 @@ def _is_multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _hydra_entry(cfg: DictConfig) -> Any:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, force=True)
     try:
         return run(cfg)["summary"]
     except (ConfigError, DataError) as e:

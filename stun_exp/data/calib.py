@@ -94,8 +94,16 @@ def read_local_docs(path: str, text_field: str = "text") -> list[str]:
     return [d for d in p.read_text().split("\n\n") if d.strip()]
 
 
-def load_calibration(cfg: Any, tokenizer: Any, model_dir: str | None = None) -> torch.Tensor:
-    """The calibration set of ``cfg`` (a calib group config) as a LongTensor [nsamples, seqlen]."""
+def toy_documents(n_docs: int, toy_seed: int, calib_seed: int) -> list[str]:
+    """Training-split toy documents of the toy's own world, from an RNG stream of their own."""
+    from stun_exp.toy.corpus import generate_docs
+    return generate_docs(n_docs, toy_seed, "train", stream=f"calib:{calib_seed}")
+
+
+def load_calibration(cfg: Any, tokenizer: Any, toy_seed: int = 0) -> torch.Tensor:
+    """The calibration set of ``cfg`` (a calib group config) as a LongTensor [nsamples, seqlen].
+
+    ``toy_seed`` is the toy model's seed (its synthetic world) for ``calib=toy``."""
     n, L, seed = int(cfg.nsamples), int(cfg.seqlen), int(cfg.seed)
     if cfg.name == "tokens":
         ids = torch.load(os.path.expanduser(cfg.path), map_location="cpu")
@@ -107,8 +115,8 @@ def load_calibration(cfg: Any, tokenizer: Any, model_dir: str | None = None) -> 
                             f"nsamples={n} x seqlen={L}")
         return ids[:n, :L].clone()
     if cfg.name == "toy":
-        from stun_exp.toy.corpus import calibration_documents
-        return sample_stream(_join_tokens(calibration_documents(int(cfg.n_docs), seed), tokenizer), n, L, seed)
+        docs = toy_documents(int(cfg.n_docs), toy_seed, seed)
+        return sample_stream(_join_tokens(docs, tokenizer), n, L, seed)
     if cfg.name == "text":
         return sample_stream(_join_tokens(read_local_docs(cfg.path, cfg.text_field), tokenizer), n, L, seed)
     if cfg.name == "c4":
