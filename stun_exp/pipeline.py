@@ -32,7 +32,8 @@ class Timer:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        log.info("stage: %s", name)
+        if name != "validate":          # a config error must stay the only line on stderr
+            log.info("stage: %s", name)
         t = time.perf_counter()
         try:
             yield
