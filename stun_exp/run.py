@@ -7,8 +7,9 @@ unstructured pruner -> distill -> analyse -> evaluate -> record. Every stage is 
 from __future__ import annotations
 
 import logging
+import re
 import sys
-import time
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -63,10 +64,43 @@ def _hydra_entry(cfg: DictConfig) -> Any:
         raise
 
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose the config once before Hydra runs, so composition errors (unknown group option,
+    unknown key, wrong type) also come out as one line naming the key, the value and what is
+    allowed. Multirun and --help/--cfg invocations are left to Hydra."""
+    if any(a.startswith("-") for a in argv):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose(config_name="config", overrides=argv)
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"stun-exp: error: {one_line(e, argv)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def one_line(e: Exception, argv: list[str]) -> str:
+    """Hydra/OmegaConf composition errors, reduced to one line (+ closest valid option)."""
+    msg = str(e)
+    m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
+    if m:
+        group, value = m.groups()
+        opts = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        return str(ConfigError(group, value, opts))
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    head = " ".join(ln for ln in lines if not ln.startswith(("full_key:", "object_type", "reference_type")))
+    return f"{key}: {head}" if key else head
+
+
 def main() -> None:
-    t0 = time.perf_counter()
+    preflight(sys.argv[1:])
     _hydra_entry()
-    log.debug("total %.1fs", time.perf_counter() - t0)
 
 
 if __name__ == "__main__":
