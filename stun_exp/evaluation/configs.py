@@ -80,11 +80,11 @@ class LmEvalBase(EvalBase):
         for t in self.tasks:
             check_choice(f"{prefix}.tasks", t, list(known))
         for t, n in self.num_fewshot.items():
-            check_choice(f"{prefix}.num_fewshot", t, list(self.tasks))
+            check_choice(f"{prefix}.num_fewshot", t, list(known))   # keys for unused tasks are fine
             if not isinstance(n, int) or n < 0:
                 raise ConfigError(f"{prefix}.num_fewshot.{t}", n, "an integer >= 0")
         for t, ms in self.metrics.items():
-            check_choice(f"{prefix}.metrics", t, list(self.tasks))
+            check_choice(f"{prefix}.metrics", t, list(known))
             for m in ms:
                 if known[t].metrics:
                     check_choice(f"{prefix}.metrics.{t}", m, list(known[t].metrics))
@@ -167,13 +167,15 @@ def _check_len(key: str, value: Optional[int], info: Optional[Any], optional: bo
 
 
 def build_eval_config(cfg: Any) -> EvalBase:
-    """The typed schema object for an ``eval`` DictConfig (or a schema object, returned as is)."""
+    """The typed schema object for an ``eval`` node (DictConfig, dict or schema object)."""
     if isinstance(cfg, EvalBase):
         return cfg
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+        if isinstance(cfg, EvalBase):
+            return cfg
     classes = {"none": NoEval, "toy": ToyEval, "ppl": PplEval, "paper": PaperEval}
-    name = cfg.get("name", "none") if hasattr(cfg, "get") else "none"
-    check_choice("eval", name, list(classes))
-    d = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
-    d = {k: v for k, v in d.items() if not k.startswith("_")}
-    return classes[name](**d)
+    d = {k: v for k, v in dict(cfg).items() if not str(k).startswith("_")}
+    check_choice("eval", d.get("name", "none"), list(classes))
+    return classes[d.get("name", "none")](**d)

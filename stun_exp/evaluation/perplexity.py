@@ -76,14 +76,25 @@ def text_file_tokens(path: str | Path, tokenizer: Any) -> torch.Tensor:
     return encode(tokenizer, p.read_text())
 
 
+def hub_dataset(path: str, **kwargs: Any) -> Any:
+    """datasets.load_dataset that fails at once with a message saying what to cache."""
+    import datasets
+    from stun_exp.errors import DataError
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except (ConnectionError, OSError, FileNotFoundError, ValueError) as e:
+        raise DataError(f"evaluation dataset '{path}' ({kwargs}) is not available offline and could not be "
+                        f"downloaded ({type(e).__name__}: {e}). Cache it on a machine with network "
+                        f"(datasets.load_dataset('{path}', ...)) and copy ~/.cache/huggingface here, "
+                        f"or choose eval=toy / eval=none.") from None
+
+
 def wikitext2_tokens(tokenizer: Any, split: str = "test") -> torch.Tensor:
-    from stun_exp.data.calib import hub_dataset
-    ds = hub_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    ds = hub_dataset("wikitext", name="wikitext-2-raw-v1", split=split)
     return encode(tokenizer, "\n\n".join(ds["text"]))
 
 
 def c4_tokens(tokenizer: Any, seqlen: int, nsamples: int = 256) -> torch.Tensor:
-    from stun_exp.data.calib import hub_dataset
     ds = hub_dataset("allenai/c4", data_files={"validation": C4_VAL_FILE}, split="validation")
     text = " ".join(ds[:C4_VAL_DOCS]["text"])
     return encode(tokenizer, text)[: nsamples * seqlen]
