@@ -103,10 +103,8 @@ class RouterChangeConfig(_ScoredConfig):
     removal: str = "zero_output"
 
     def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
-        if not self.pretrained_path:
-            raise ConfigError(f"{prefix}.pretrained_path", self.pretrained_path,
-                              "the path of the model BEFORE fine-tuning (HF directory or a torch file "
-                              "mapping layer -> router weight [E, H])")
+        # pretrained_path may be null here: the runner fills it from model.pretrained_path (or the toy
+        # pair) after validation; RouterChangePruner.plan raises ConfigError if it is still missing.
         check_choice(f"{prefix}.delta", self.delta, ["norm_diff", "diff_norm"])
         check_choice(f"{prefix}.removal", self.removal, ["zero_output", "slice_router"])
         super().validate(info, prefix)
@@ -145,7 +143,9 @@ class StunConfig(Validatable):
     normalize: bool = True
     coact_divide_mean: bool = True
     coactivation_path: Optional[str] = None
-    max_merges_per_layer: Optional[int] = 1      # null = no cap
+    # null = the reference's defaults: 1 merge per layer for a single pass at `threshold`
+    # (merge_weight.py top_k=1), no cap when searching a target (README Arctic: top_k = n-1).
+    max_merges_per_layer: Optional[int] = None
     threshold: float = math.inf
     target_experts: Optional[int] = None
     expert_sparsity: Optional[float] = None
@@ -179,6 +179,12 @@ class StunConfig(Validatable):
         if info is not None:
             self._check_target(info, prefix)
 
+    def merge_cap(self, searching: bool) -> Optional[int]:
+        """Merges allowed per layer (None = no cap), resolving the null default (see field comment)."""
+        if self.max_merges_per_layer is not None:
+            return int(self.max_merges_per_layer)
+        return None if searching else 1
+
     def target(self, info: Any) -> Optional[int]:
         """Total experts to keep (None = one pass at ``threshold``)."""
         if self.target_experts is not None:
@@ -191,7 +197,7 @@ class StunConfig(Validatable):
         target, total = self.target(info), _total(info)
         if target is None:
             return
-        m = self.max_merges_per_layer
+        m = self.merge_cap(searching=True)
         floor = sum(max(1, info.experts_per_layer[l] - (m if m is not None else 10**9))
                     for l in info.moe_layers)
         key = f"{prefix}.target_experts" if self.target_experts is not None else f"{prefix}.expert_sparsity"

@@ -48,7 +48,7 @@ def cluster_layers(dists: Mapping[int, torch.Tensor], cfg: StunConfig,
                    target: Optional[int]) -> tuple[dict[int, list[list[int]]], dict]:
     """Clusters of every layer at the searched (or fixed) global τ, plus the search facts."""
     pairs = {l: C.SortedPairs.from_matrix(d) for l, d in dists.items()}
-    m = cfg.max_merges_per_layer
+    m = cfg.merge_cap(searching=target is not None)
 
     def total_at(tau: float) -> int:
         return sum(len(C.greedy_clusters(p, tau, m)) for p in pairs.values())
@@ -61,6 +61,7 @@ def cluster_layers(dists: Mapping[int, torch.Tensor], cfg: StunConfig,
             log.warning("STUN: no threshold keeps exactly %d experts; using tau=%g keeping %d (%s)",
                         target, res.threshold, res.total, res.stop_reason)
         tau, meta = res.threshold, {"searched": True, **res.as_meta(target)}
+    meta["max_merges_per_layer"] = m
     return {l: C.greedy_clusters(p, tau, m) for l, p in pairs.items()}, meta
 
 
