@@ -1,0 +1,244 @@
+"""The one sequential layer engine every unstructured pruner runs on (methods.md 0.2).
+
+    capture   the inputs of every calibration sample to decoder layer 0, plus the keyword
+              arguments each decoder layer receives (attention mask, position ids, rotary
+              position_embeddings, ...), by running the model once with the decoder layers
+              replaced by identities (no layer compute) and aborting after the last one.
+              Keeping per-layer kwargs matters for models whose layers get different masks
+              (sliding / full attention).
+    per layer l
+      move    layer l (and only it) to the compute device
+      observe one forward per sample (batch 1, as the reference): input hooks on the targeted
+              non-expert matrices; the adapter's ExpertObserver for routed experts, so expert
+              statistics come from the tokens the CURRENT (already pruned upstream) router sends
+      process the pruner's callback (score -> allocate -> mask, or SparseGPT update)
+      re-run  the pruned layer to produce layer l+1's inputs (skipped when nothing changed)
+      return  the layer to its original device
+
+The engine knows no method; pruners plug in a ``process(l, targets, stats) -> bool`` callback.
+Non-finite weights or activations raise DataError naming the layer and module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from stun_exp.errors import DataError
+from stun_exp.pruning.weights.stats import InputHook, TargetStats
+
+Process = Callable[[int, list, Optional[dict]], bool]
+_DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
+
+
+class _Stop(Exception):
+    """Raised inside the patched decoder layers to abort the capture forward."""
+
+
+@dataclass
+class Captured:
+    hidden: Tensor                                   # [n, T, H] layer-0 inputs on the compute device
+    layer_args: list = field(default_factory=list)   # per layer: (extra positional args, kwargs)
+    hidden_as_kwarg: bool = False
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move tensors inside (nested) tuples/lists/dicts; leave anything else untouched."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def check_finite(t: Tensor, where: str) -> None:
+    if not torch.isfinite(t).all():
+        raise DataError(f"non-finite values (NaN/inf) in {where}")
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, calib: Tensor,
+                   device: torch.device) -> Captured:
+    """Layer-0 inputs for every sample and each layer's call arguments (from sample 0)."""
+    n, last = calib.shape[0], len(layers) - 1
+    cap = Captured(hidden=torch.empty(0), layer_args=[None] * len(layers))
+    state = {"j": 0}
+
+    def patched(i: int) -> Callable:
+        def fwd(*args: Any, **kwargs: Any) -> Tensor:
+            hs = args[0] if args else kwargs.pop("hidden_states")
+            cap.hidden_as_kwarg = not args
+            if i == 0:
+                if cap.hidden.numel() == 0:
+                    cap.hidden = torch.empty((n,) + tuple(hs.shape[1:]), dtype=hs.dtype, device=device)
+                cap.hidden[state["j"]] = hs[0].to(device)
+            if state["j"] == 0:
+                kw = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS}
+                cap.layer_args[i] = (tuple(args[1:]), kw)
+            if i == last or state["j"] > 0:
+                raise _Stop
+            return hs
+        return fwd
+
+    emb_dev = model.get_input_embeddings().weight.device
+    for i, layer in enumerate(layers):
+        layer.forward = patched(i)
+    try:
+        for j in range(n):
+            state["j"] = j
+            try:
+                model(input_ids=calib[j:j + 1].to(emb_dev), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for layer in layers:
+            del layer.forward
+    check_finite(cap.hidden, "the inputs of decoder layer 0")
+    return cap
+
+
+class SequentialEngine:
+    """Drives one pass over the decoder layers (see module docstring)."""
+
+    def __init__(self, model: nn.Module, adapter: Any, calib: Optional[Tensor], device: torch.device,
+                 select: Callable[[Any], bool], counters: Any = None, gram: bool = False,
+                 desc: str = "prune") -> None:
+        self.model, self.adapter, self.calib, self.device = model, adapter, calib, torch.device(device)
+        self.select, self.counters, self.gram, self.desc = select, counters, gram, desc
+        self.layer_forwards = 0
+
+    # ---- public -------------------------------------------------------------------------------
+    def run(self, process: Process, observe: bool = True) -> None:
+        """One pass: for each layer, observe (when ``observe``), process, propagate."""
+        layers = self.adapter.layers
+        cap = capture_inputs(self.model, layers, self.calib, self.device) if observe else None
+        inps = cap.hidden if cap else None
+        for l in tqdm(range(len(layers)), desc=self.desc, leave=False):
+            layer = layers[l]
+            home = _device_of(layer)
+            layer.to(self.device)
+            targets = [t for t in self.adapter.linear_targets(l) if self.select(t)]
+            for t in targets:
+                check_finite(t.weight, f"layer {l} module {t.name} (weights)")
+            if cap is None:
+                process(l, targets, None)
+            else:
+                args = to_device(cap.layer_args[l], self.device)
+                stats, outs = self._observe(l, layer, targets, inps, args, cap.hidden_as_kwarg)
+                if process(l, targets, stats):
+                    outs = self._propagate(l, layer, inps, args, cap.hidden_as_kwarg)
+                inps = outs
+            layer.to(home)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _forward(self, layer: nn.Module, h: Tensor, args: tuple, as_kw: bool) -> Tensor:
+        extra, kw = args
+        out = layer(*extra, hidden_states=h, **kw) if as_kw else layer(h, *extra, **kw)
+        self.layer_forwards += 1
+        if self.counters is not None:
+            self.counters.layer_forwards += 1
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def _propagate(self, l: int, layer: nn.Module, inps: Tensor, args: tuple, as_kw: bool) -> Tensor:
+        outs = torch.empty_like(inps)
+        with torch.no_grad():
+            for j in range(inps.shape[0]):
+                outs[j] = self._forward(layer, inps[j:j + 1], args, as_kw)[0]
+        check_finite(outs, f"layer {l} (output activations)")
+        return outs
+
+    def _observe(self, l: int, layer: nn.Module, targets: list, inps: Tensor, args: tuple,
+                 as_kw: bool) -> tuple[dict[str, TargetStats], Tensor]:
+        hooks = {t.name: InputHook(t.module, t.weight.shape[1], self.gram)
+                 for t in targets if t.kind != "expert"}
+        if any(t.kind == "expert" for t in targets):
+            for t in targets:
+                if t.kind != "expert" and t.module is None:
+                    raise DataError(f"layer {l} module {t.name}: no module to hook for its inputs")
+        want_experts = any(t.kind == "expert" for t in targets)
+        try:
+            with _expert_observer(self.adapter, l, self.gram, want_experts) as obs:
+                outs = torch.empty_like(inps)
+                calls = None
+                with torch.no_grad():
+                    for j in range(inps.shape[0]):
+                        before = _counts(obs, l)
+                        outs[j] = self._forward(layer, inps[j:j + 1], args, as_kw)[0]
+                        calls = _add_calls(calls, before, _counts(obs, l))
+                expert_stats = obs.stats.get(l) if obs is not None else None
+        finally:
+            for h in hooks.values():
+                h.remove()
+        check_finite(outs, f"layer {l} (output activations)")
+        stats = {name: h.result(self.device) for name, h in hooks.items()}
+        if want_experts:
+            stats.update(_expert_target_stats(l, targets, expert_stats, calls))
+        for name, st in stats.items():
+            check_finite(st.sq, f"layer {l} module {name} (input activations)")
+        return stats, outs
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(iter(module.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class _NullCtx:
+    stats: dict = {}
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _expert_observer(adapter: Any, l: int, gram: bool, wanted: bool) -> Any:
+    """The adapter observer for layer l's routed experts (a context manager), or a no-op."""
+    if not wanted:
+        return _NullCtx()
+    from stun_exp.observe.observer import ExpertObserver
+    return ExpertObserver(adapter, layers=[l], gram=gram)
+
+
+def _counts(obs: Any, l: int) -> Optional[Tensor]:
+    if obs is None:
+        return None
+    st = obs.stats.get(l)
+    return None if st is None else st["count"].detach().clone()
+
+
+def _add_calls(calls: Optional[Tensor], before: Optional[Tensor], after: Optional[Tensor]) -> Optional[Tensor]:
+    """Count, per expert, the samples in which it received at least one token."""
+    if after is None:
+        return calls
+    hit = (after - (before if before is not None else torch.zeros_like(after))) > 0
+    return hit.long() if calls is None else calls + hit.long()
+
+
+def _expert_target_stats(l: int, targets: list, st: Optional[dict],
+                         calls: Optional[Tensor]) -> dict[str, TargetStats]:
+    """Map the observer's per-expert arrays onto the gate/up/down targets of layer l."""
+    out: dict[str, TargetStats] = {}
+    for t in targets:
+        if t.kind != "expert":
+            continue
+        c_in = t.weight.shape[1]
+        if st is None:
+            out[t.name] = TargetStats(torch.zeros(c_in, device=t.weight.device))
+            continue
+        e, down = t.expert, t.matrix == "down"
+        gram_key = "gram_h" if down else "gram_x"
+        gram = st.get(gram_key)
+        out[t.name] = TargetStats(
+            sq=st["hsq" if down else "xsq"][e].float(),
+            gsq=st["ghsq" if down else "gxsq"][e].float(),
+            gram=None if gram is None else gram[e].float(),
+            ncalls=int(calls[e]) if calls is not None else 0,
+            ntokens=int(st["count"][e]))
+    return out

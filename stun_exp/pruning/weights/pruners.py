@@ -1,0 +1,245 @@
+"""Unstructured pruners (``hydra.utils.instantiate(cfg.unstructured_pruner)``).
+
+One class, ``UnstructuredPruner``, composes a score (``scores.SCORES``), an allocation (uniform or
+OWL) and an update rule (mask, or SparseGPT's OBS update) on the one ``SequentialEngine``; the
+named subclasses only pick those three. ``prune(ctx, sparsity)`` returns a JSON-able report that
+records the scope and every policy used.
+
+Policies (see configs.py for the field contract):
+* zero-token experts (no calibration token routed to them): ``leave_dense`` skips them (STUN's
+  reference prints "NO SAMPLES ... CONTINUING"), ``magnitude`` prunes them by |W| per output row
+  (or N:M). Their count is reported. SparseGPT never sees them (H == 0 would zero them wholesale).
+* MoE-Pruner on a non-expert matrix (scope wider than ``experts``): no gate multiplies its input,
+  so its score is plain Wanda.
+* OWL: pass 1 is a dense pass (no pruning) that computes each layer's outlier ratio over the
+  Wanda scores of the layer's TARGETED matrices (zero-token experts excluded, as the reference
+  skips them); pass 2 prunes with the layer ratios. With ``nm`` the reference's N:M variant is
+  used (layer l prunes N - r_l of M).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from stun_exp.errors import ConfigError
+from stun_exp.pruning.weights import allocation as alloc
+from stun_exp.pruning.weights.engine import SequentialEngine
+from stun_exp.pruning.weights.masks import apply_mask_, parse_nm, select_mask
+from stun_exp.pruning.weights.scores import get_score, magnitude_score
+from stun_exp.pruning.weights.sparsegpt import sparsegpt_prune
+from stun_exp.pruning.weights.stats import TargetStats
+
+log = logging.getLogger("stun_exp")
+
+KINDS = ("attention", "router", "shared_expert", "dense_mlp", "expert")
+SCOPE_KINDS = {
+    "experts": {"expert"},
+    "experts+attention": {"expert", "attention"},
+    "all_decoder_linear": set(KINDS),
+}
+
+
+class NoPruner:
+    """``unstructured_pruner=none``."""
+
+    def __init__(self, name: str = "none", **_: Any) -> None:
+        self.name = name
+
+    def is_targeted(self, target: Any) -> bool:
+        return False
+
+    def prune(self, ctx: Any, sparsity: Optional[float] = None) -> dict:
+        return {"method": "none"}
+
+
+class UnstructuredPruner:
+    score_name = "wanda"
+    allocation = "uniform"
+    update = "mask"
+
+    def __init__(self, name: str, sparsity: Optional[float] = 0.5, nm: Optional[str] = None,
+                 scope: str = "all_decoder_linear", prune_router: bool = True,
+                 prune_shared_experts: bool = True, prune_dense_mlp: bool = True,
+                 zero_token_experts: str = "leave_dense", owl_m: Optional[float] = None,
+                 owl_lambda: Optional[float] = None, owl_weighting: str = "uniform",
+                 blocksize: int = 128, percdamp: float = 0.01, **extra: Any) -> None:
+        if scope not in SCOPE_KINDS:
+            raise ConfigError("unstructured_pruner.scope", scope, list(SCOPE_KINDS))
+        self.name, self.sparsity, self.nm = name, sparsity, parse_nm(nm)
+        self.nm_str, self.scope, self.zero_token_experts = nm, scope, zero_token_experts
+        self.flags = {"router": prune_router, "shared_expert": prune_shared_experts,
+                      "dense_mlp": prune_dense_mlp}
+        self.owl_m, self.owl_lambda, self.owl_weighting = owl_m, owl_lambda, owl_weighting
+        self.blocksize, self.percdamp = blocksize, percdamp
+        self.kinds = (SCOPE_KINDS[scope] | {k for k, on in self.flags.items() if on}) - {
+            k for k, on in self.flags.items() if not on}
+        self.spec = get_score(self.score_name)
+
+    # ---- contract -----------------------------------------------------------------------------
+    def is_targeted(self, target: Any) -> bool:
+        """Whether this pruner prunes ``target`` (used by the sparsity ledger)."""
+        return target.kind in self.kinds
+
+    def prune(self, ctx: Any, sparsity: Optional[float] = None) -> dict:
+        s = self._resolve_sparsity(sparsity)
+        n_layers = len(ctx.adapter.layers)
+        report = self._new_report(s)
+        plan = self._layer_plan(ctx, s, n_layers, report)
+        engine = self._engine(ctx, "prune:" + self.name, gram=self.update == "sparsegpt")
+        engine.run(lambda l, targets, stats: self._prune_layer(l, targets, stats, plan[l], report),
+                   observe=self._needs_data)
+        report["layer_forwards"] += engine.layer_forwards
+        self._finish(report)
+        return report
+
+    # ---- planning -----------------------------------------------------------------------------
+    @property
+    def _needs_data(self) -> bool:
+        return self.spec.stat != "none" or self.update == "sparsegpt" or self.allocation == "owl"
+
+    def _resolve_sparsity(self, sparsity: Optional[float]) -> float:
+        s = self.sparsity if sparsity is None else float(sparsity)
+        if self.nm is not None:
+            if s is not None and abs(s - 0.5) > 1e-6:
+                raise ConfigError("unstructured_pruner.sparsity", s, f"0.5 with nm={self.nm_str!r}: "
+                                  "N:M always prunes half (set the top-level sparsity=null)")
+            return 0.5
+        if s is None or not 0.0 <= s < 1.0:
+            raise ConfigError("unstructured_pruner.sparsity", s, "a number in [0, 1)")
+        return s
+
+    def _engine(self, ctx: Any, desc: str, gram: bool = False) -> SequentialEngine:
+        return SequentialEngine(ctx.model, ctx.adapter, ctx.calib, ctx.device, self.is_targeted,
+                                ctx.counters, gram=gram, desc=desc)
+
+    def _layer_plan(self, ctx: Any, s: float, n_layers: int, report: dict) -> list[tuple]:
+        """Per layer: (sparsity, nm or None)."""
+        return [(s, self.nm)] * n_layers
+
+    # ---- one layer ----------------------------------------------------------------------------
+    def _prune_layer(self, l: int, targets: list, stats: Optional[dict], plan: tuple,
+                     report: dict) -> bool:
+        s, nm = plan
+        layer = report["per_layer"].setdefault(str(l), {"target_sparsity": s, "nm": _fmt_nm(nm),
+                                                        "numel": 0, "zeros": 0})
+        zero_experts: set[int] = set()
+        for t in targets:
+            st = stats.get(t.name) if stats is not None else None
+            if st is not None and st.ntokens == 0:
+                if t.kind == "expert":
+                    zero_experts.add(int(t.expert))
+                if self.zero_token_experts == "leave_dense":
+                    report["skipped"].append(t.name)
+                else:
+                    apply_mask_(t.weight, select_mask(magnitude_score(t.weight), s, "row", nm))
+            elif s > 0 or nm is not None:
+                self._prune_target(t, st, s, nm)
+            layer["numel"] += t.weight.numel()
+            layer["zeros"] += int((t.weight == 0).sum())
+        if stats is not None:
+            counts = {int(t.expert): stats[t.name].ntokens for t in targets if t.kind == "expert"}
+            report["tokens_per_expert"][str(l)] = [counts[e] for e in sorted(counts)]
+        if zero_experts:
+            report["zero_token_experts_by_layer"][str(l)] = sorted(zero_experts)
+            log.info("layer %d: %d expert(s) got no calibration tokens (%s)", l, len(zero_experts),
+                     self.zero_token_experts)
+        return True
+
+    @torch.no_grad()
+    def _prune_target(self, t: Any, st: Optional[TargetStats], s: float, nm: Optional[tuple]) -> None:
+        w = t.weight
+        if self.update == "sparsegpt":
+            new, _ = sparsegpt_prune(w, st.gram, s, nm, self.blocksize, self.percdamp)
+            w.copy_(new.to(w.dtype))
+            return
+        stat = None
+        if self.spec.stat == "sq":
+            stat = st.norm_sq()
+        elif self.spec.stat == "gsq":
+            stat = st.norm_gsq()
+        score = self.spec.fn(w, stat)
+        apply_mask_(w, select_mask(score, s, self.spec.group, nm))
+
+    # ---- report -------------------------------------------------------------------------------
+    def _new_report(self, s: float) -> dict:
+        return {"method": self.name, "score": self.score_name, "allocation": self.allocation,
+                "update": self.update, "sparsity": s, "nm": self.nm_str, "scope": self.scope,
+                "kinds": sorted(self.kinds), "prune_router": self.flags["router"],
+                "prune_shared_experts": self.flags["shared_expert"],
+                "prune_dense_mlp": self.flags["dense_mlp"],
+                "zero_token_experts": self.zero_token_experts, "zero_token_experts_by_layer": {},
+                "per_layer": {}, "skipped": [], "tokens_per_expert": {}, "layer_forwards": 0}
+
+    @staticmethod
+    def _finish(report: dict) -> None:
+        numel = sum(v["numel"] for v in report["per_layer"].values())
+        zeros = sum(v["zeros"] for v in report["per_layer"].values())
+        for v in report["per_layer"].values():
+            v["achieved"] = v["zeros"] / max(v["numel"], 1)
+        report["achieved_sparsity"] = zeros / max(numel, 1)
+        report["zero_token_expert_count"] = sum(len(v) for v in report["zero_token_experts_by_layer"].values())
+
+
+def _fmt_nm(nm: Optional[tuple]) -> Optional[str]:
+    return None if nm is None else f"{nm[0]}:{nm[1]}"
+
+
+class MagnitudePruner(UnstructuredPruner):
+    """|W| with the Wanda repo's per-matrix threshold; needs no calibration data."""
+    score_name = "magnitude"
+
+
+class WandaPruner(UnstructuredPruner):
+    score_name = "wanda"
+
+
+class MoEPruner(UnstructuredPruner):
+    """Wanda on gate-scaled routed inputs (MoE-Pruner's metric)."""
+    score_name = "moe_pruner"
+
+
+class SparseGPTPruner(UnstructuredPruner):
+    score_name = "magnitude"   # only used for zero-token experts under the magnitude policy
+    update = "sparsegpt"
+
+    @property
+    def _needs_data(self) -> bool:
+        return True
+
+
+class OWLPruner(UnstructuredPruner):
+    """Wanda scores with OWL's outlier-weighted layer sparsities (two passes)."""
+    score_name = "wanda"
+    allocation = "owl"
+
+    def _layer_plan(self, ctx: Any, s: float, n_layers: int, report: dict) -> list[tuple]:
+        ratios, sizes = [0.0] * n_layers, [0] * n_layers
+        wanda = get_score("wanda")
+
+        def measure(l: int, targets: list, stats: Optional[dict]) -> bool:
+            scores = [wanda.fn(t.weight, stats[t.name].norm_sq()) for t in targets
+                      if stats[t.name].ntokens > 0]
+            ratios[l] = alloc.outlier_ratio(scores, self.owl_m)
+            sizes[l] = sum(t.weight.numel() for t in targets)
+            return False                       # dense pass: nothing changes, outputs reused
+
+        engine = self._engine(ctx, "owl:outliers")
+        engine.run(measure)
+        report["layer_forwards"] += engine.layer_forwards
+        report["owl"] = {"m": self.owl_m, "lambda": self.owl_lambda, "weighting": self.owl_weighting,
+                         "outlier_ratios": ratios, "layer_numel": sizes}
+        if self.nm is not None:
+            offsets = alloc.owl_nm_offsets(ratios, self.owl_lambda)
+            n, m = self.nm
+            plan = []
+            for r in offsets:
+                n_l = min(max(n - r, 0), m)
+                plan.append((n_l / m, (n_l, m) if n_l > 0 else None))
+            report["owl"]["nm_offsets"] = offsets
+        else:
+            weights = sizes if self.owl_weighting == "params" else None
+            plan = [(sp, None) for sp in alloc.owl_sparsities(ratios, s, self.owl_lambda, weights)]
+        report["owl"]["layer_sparsity"] = [p[0] for p in plan]
+        return plan

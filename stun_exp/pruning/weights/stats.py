@@ -1,0 +1,71 @@
+"""Per-matrix input statistics the scores need, collected during a decoder-layer forward.
+
+``TargetStats`` is what a pruner sees for one target:
+  sq      sum over the tokens the matrix saw of x_j^2                  [C_in]
+  gsq     sum of (g_t x_tj)^2 with g the routing weight (experts only) [C_in] or None
+  gram    sum of x x^T (SparseGPT Hessian up to scale)                 [C_in, C_in] or None
+  ncalls  forward calls (calibration samples) in which the matrix saw >= 1 token
+  ntokens tokens seen
+
+The reference (Wanda ``WrappedGPT.add_batch``, STUN's copy) keeps sq as a running mean over
+forward calls, i.e. sq / ncalls; ``norm_sq``/``norm_gsq`` reproduce that. The division never
+changes a within-row ranking; it does change OWL's pooled outlier ratio (experts see fewer tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class TargetStats:
+    sq: Tensor
+    gsq: Optional[Tensor] = None
+    gram: Optional[Tensor] = None
+    ncalls: int = 0
+    ntokens: int = 0
+
+    def norm_sq(self) -> Tensor:
+        return self.sq / max(self.ncalls, 1)
+
+    def norm_gsq(self) -> Tensor:
+        src = self.gsq if self.gsq is not None else self.sq
+        return src / max(self.ncalls, 1)
+
+
+class InputHook:
+    """Forward hook on a module: accumulates the statistics of its first input, flattened to C_in."""
+
+    def __init__(self, module: nn.Module, c_in: int, gram: bool) -> None:
+        self.c_in, self.want_gram = c_in, gram
+        self.stats: Optional[TargetStats] = None
+        self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+        x = x.detach().reshape(-1, self.c_in).float()
+        if x.shape[0] == 0:
+            return
+        if self.stats is None:
+            z = torch.zeros(self.c_in, device=x.device)
+            g = torch.zeros(self.c_in, self.c_in, device=x.device) if self.want_gram else None
+            self.stats = TargetStats(z, None, g)
+        st = self.stats
+        st.sq += (x * x).sum(0)
+        if st.gram is not None:
+            st.gram += x.T @ x
+        st.ncalls += 1
+        st.ntokens += x.shape[0]
+
+    def result(self, device: torch.device) -> TargetStats:
+        if self.stats is None:   # never reached by a token
+            z = torch.zeros(self.c_in, device=device)
+            return TargetStats(z, None, torch.zeros(self.c_in, self.c_in, device=device)
+                               if self.want_gram else None)
+        return self.stats
+
+    def remove(self) -> None:
+        self.handle.remove()
