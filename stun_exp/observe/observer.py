@@ -1,0 +1,139 @@
+"""ExpertObserver: one calibration pass records per-MoE-layer routing and expert-input statistics.
+
+    with ExpertObserver(adapter, layers=None, gram=False, keep_logits=False) as obs:
+        model(batch)                      # or a single decoder layer / MoE block forward
+    obs.stats[l]                          # LayerStats (see stats.py)
+
+How it sees what the model really does, without changing outputs or holding activations:
+- Fused experts (transformers 5): a custom entry "stun_observe" in transformers'
+  ``ALL_EXPERTS_FUNCTIONS`` registry is switched on only inside the ``with`` block (the previous
+  implementation is restored on exit). It receives the model's own (hidden, top_k_index,
+  top_k_weights), computes each routed expert like the eager forward (x -> h once), records the
+  statistics and returns the same output. Router logits come from a forward hook on the router.
+- ModuleList experts (Arctic remote code): a forward pre-hook on the MoE block re-runs the router
+  and the adapter's routing rule (tested equal to the model's) and recomputes act(gate x)·up x for
+  the routed tokens (extra compute during calibration only).
+- zero_output-pruned layers keep their router, so the routing recorded is the model's real one
+  (pruned experts are still chosen and counted; their h is zero).
+Anything that calls a router or experts module while observing is recorded, including
+``adapter.moe_forward`` (with its ``drop`` mask applied).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..models.adapter import MoEAdapter
+from .stats import LayerStats, add_logits, observe_tokens
+
+IMPL_NAME = "stun_observe"
+_ACTIVE: dict[int, tuple["ExpertObserver", int]] = {}   # id(experts module) -> (observer, layer)
+
+
+def _observe_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                             top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Experts forward that records statistics (eager math: same per-expert ops and order)."""
+    entry = _ACTIVE.get(id(self))
+    if entry is None:   # a layer outside the observed set: plain eager forward
+        return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
+    obs, l = entry
+    out = torch.zeros_like(hidden_states)
+    ad = obs.adapter
+    observe_tokens(obs._layer_stats(l), hidden_states, top_k_index, top_k_weights,
+                   lambda e, x: ad.expert_hidden(l, e, x), lambda e, h: ad.expert_output(l, e, h), out)
+    return out
+
+
+def _register() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    if IMPL_NAME not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPL_NAME, _observe_experts_forward)
+
+
+class ExpertObserver:
+    """Context manager recording ``LayerStats`` for the chosen MoE layers (default: all)."""
+
+    def __init__(self, adapter: MoEAdapter, layers: Optional[list[int]] = None, gram: bool = False,
+                 keep_logits: bool = False) -> None:
+        self.adapter, self.gram, self.keep_logits = adapter, gram, keep_logits
+        moe = adapter.moe_layers
+        self.layers = list(moe if layers is None else layers)
+        bad = [l for l in self.layers if l not in moe]
+        if bad:
+            raise ValueError(f"layers {bad} are not MoE layers; MoE layers: {moe}")
+        self.stats: dict[int, LayerStats] = {}
+        self._handles: list[Any] = []
+        self._keys: list[int] = []
+        self._prev_impl: Optional[str] = None
+
+    # ---- stats -------------------------------------------------------------------------------
+    def _layer_stats(self, l: int) -> LayerStats:
+        if l not in self.stats:
+            d = self.adapter.expert(l, 0)
+            self.stats[l] = LayerStats(self.adapter.num_experts(l), d["gate"].shape[1], d["gate"].shape[0],
+                                       gram=self.gram, keep_logits=self.keep_logits)
+        return self.stats[l]
+
+    def reset(self) -> None:
+        self.stats.clear()
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def _router_hook(self, l: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            add_logits(self._layer_stats(l), output[0] if isinstance(output, tuple) else output)
+        return hook
+
+    def _modulelist_hook(self, l: int):
+        ad = self.adapter
+
+        @torch.no_grad()
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            h = args[0] if args else next(iter(kwargs.values()))
+            x = h.reshape(-1, h.shape[-1])
+            logits = ad.router_logits(l, x)
+            add_logits(self._layer_stats(l), logits)
+            ids, w = ad.route(l, logits)
+            observe_tokens(self._layer_stats(l), x, ids, w, lambda e, xe: ad.expert_hidden(l, e, xe))
+        return hook
+
+    # ---- context -----------------------------------------------------------------------------
+    def __enter__(self) -> "ExpertObserver":
+        ad = self.adapter
+        fused = ad.spec.layout != "modulelist"
+        for l in self.layers:
+            if fused:
+                ex = ad.experts(l)
+                if id(ex) in _ACTIVE:
+                    raise RuntimeError(f"layer {l} is already being observed (nested observers)")
+                _ACTIVE[id(ex)] = (self, l)
+                self._keys.append(id(ex))
+                self._handles.append(ad.router(l).register_forward_hook(self._router_hook(l)))
+            else:
+                self._handles.append(ad.moe_block(l).register_forward_pre_hook(
+                    self._modulelist_hook(l), with_kwargs=True))
+        if fused:
+            _register()
+            self._prev_impl = ad.config._experts_implementation
+            _set_impl(ad.model, IMPL_NAME)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for key in self._keys:
+            _ACTIVE.pop(key, None)
+        self._keys.clear()
+        if self._prev_impl is not None:
+            _set_impl(self.adapter.model, self._prev_impl)
+            self._prev_impl = None
+
+
+def _set_impl(model: nn.Module, name: str) -> None:
+    """Switch the experts implementation of every (sub)config of the model."""
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(name)
+    else:   # not a PreTrainedModel: set the config attribute directly
+        model.config._experts_implementation = name
