@@ -179,11 +179,14 @@ class StunConfig(Validatable):
         if info is not None:
             self._check_target(info, prefix)
 
-    def merge_cap(self, searching: bool) -> Optional[int]:
-        """Merges allowed per layer (None = no cap), resolving the null default (see field comment)."""
-        if self.max_merges_per_layer is not None:
-            return int(self.max_merges_per_layer)
-        return None if searching else 1
+    def merge_cap(self, n: int, top_k: int, searching: bool) -> int:
+        """Merges allowed in a layer of n experts: the configured cap (null: 1 for a single pass,
+        none when searching), never so many that fewer than top_k experts survive (surgery needs
+        top_k distinct experts; the reference's modeling code would route to min(k, K) instead)."""
+        cap = self.max_merges_per_layer
+        if cap is None:
+            cap = n if searching else 1
+        return max(0, min(int(cap), n - top_k))
 
     def target(self, info: Any) -> Optional[int]:
         """Total experts to keep (None = one pass at ``threshold``)."""
@@ -197,12 +200,12 @@ class StunConfig(Validatable):
         target, total = self.target(info), _total(info)
         if target is None:
             return
-        m = self.merge_cap(searching=True)
-        floor = sum(max(1, info.experts_per_layer[l] - (m if m is not None else 10**9))
+        m = self.max_merges_per_layer
+        floor = sum(info.experts_per_layer[l] - self.merge_cap(info.experts_per_layer[l], info.top_k, True)
                     for l in info.moe_layers)
         key = f"{prefix}.target_experts" if self.target_experts is not None else f"{prefix}.expert_sparsity"
         val = self.target_experts if self.target_experts is not None else self.expert_sparsity
         if not floor <= target <= total:
             raise ConfigError(key, val, f"a target between {floor} and {total} kept experts "
-                              f"(asked {target}; with max_merges_per_layer={m} each layer keeps at "
-                              f"least n-{m}; raise max_merges_per_layer or set it to null)")
+                              f"(asked {target}; each layer keeps at least top_k={info.top_k} and "
+                              f"n - max_merges_per_layer (= {m}) experts)")

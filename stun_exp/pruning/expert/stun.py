@@ -14,6 +14,10 @@ Differences from the reference, all deliberate:
   positions, which coincide for Mixtral and Arctic.
 * When no τ gives the target total exactly, the search falls back to the nearest total instead of
   exiting (``search.py``); the achieved count is in ``plan.meta['search']``.
+* A layer never keeps fewer than top_k clusters: the merge cap is clamped to n - top_k (surgery needs
+  top_k distinct experts; the reference allowed down to 1 and routed to min(k, K)).
+* ``max_merges_per_layer: null`` resolves to the reference's defaults: 1 for a single pass at
+  ``threshold`` (merge_weight.py), no cap when searching a target (README Arctic, top_k = n-1).
 * Weights and centroids in fp32 (the code uses bf16); the group order is by smallest member id (the
   code iterates a Python set).
 """
@@ -44,14 +48,14 @@ def layer_distance(cfg: StunConfig, router: Optional[torch.Tensor],
     return C.mixed_distance(router, coact, float(cfg.mix_weight))
 
 
-def cluster_layers(dists: Mapping[int, torch.Tensor], cfg: StunConfig,
-                   target: Optional[int]) -> tuple[dict[int, list[list[int]]], dict]:
+def cluster_layers(dists: Mapping[int, torch.Tensor], cfg: StunConfig, target: Optional[int],
+                   top_k: int) -> tuple[dict[int, list[list[int]]], dict]:
     """Clusters of every layer at the searched (or fixed) global τ, plus the search facts."""
     pairs = {l: C.SortedPairs.from_matrix(d) for l, d in dists.items()}
-    m = cfg.merge_cap(searching=target is not None)
+    caps = {l: cfg.merge_cap(d.shape[0], top_k, target is not None) for l, d in dists.items()}
 
     def total_at(tau: float) -> int:
-        return sum(len(C.greedy_clusters(p, tau, m)) for p in pairs.values())
+        return sum(len(C.greedy_clusters(p, tau, caps[l])) for l, p in pairs.items())
 
     if target is None:
         tau, meta = float(cfg.threshold), {"threshold": float(cfg.threshold), "searched": False}
@@ -61,8 +65,8 @@ def cluster_layers(dists: Mapping[int, torch.Tensor], cfg: StunConfig,
             log.warning("STUN: no threshold keeps exactly %d experts; using tau=%g keeping %d (%s)",
                         target, res.threshold, res.total, res.stop_reason)
         tau, meta = res.threshold, {"searched": True, **res.as_meta(target)}
-    meta["max_merges_per_layer"] = m
-    return {l: C.greedy_clusters(p, tau, m) for l, p in pairs.items()}, meta
+    meta["max_merges_per_layer"] = {str(l): c for l, c in caps.items()}
+    return {l: C.greedy_clusters(p, tau, caps[l]) for l, p in pairs.items()}, meta
 
 
 def layer_plan(clusters: Sequence[Sequence[int]], weights_of: Callable[[int], list[torch.Tensor]],
@@ -114,7 +118,7 @@ class StunPruner:
             routers = router_weights(a) if cfg.distance in ("router", "mixed") else {}
             coact = self._coactivation(ctx, meta) if cfg.distance != "router" else {}
             dists = {l: layer_distance(cfg, routers.get(l), coact.get(l)) for l in a.moe_layers}
-            clusters, meta["search"] = cluster_layers(dists, cfg, cfg.target(info))
+            clusters, meta["search"] = cluster_layers(dists, cfg, cfg.target(info), a.top_k)
 
             def weights_of(l: int) -> Callable[[int], list[torch.Tensor]]:
                 return lambda e: [w for _, w in sorted(a.expert(l, e).items())]
