@@ -210,7 +210,7 @@ def _counts(obs: Any, l: int) -> Optional[Tensor]:
     if obs is None:
         return None
     st = obs.stats.get(l)
-    return None if st is None else st["count"].detach().clone()
+    return None if st is None else _field(st, "count").detach().clone()
 
 
 def _add_calls(calls: Optional[Tensor], before: Optional[Tensor], after: Optional[Tensor]) -> Optional[Tensor]:
@@ -234,11 +234,16 @@ def _expert_target_stats(l: int, targets: list, st: Optional[dict],
             continue
         e, down = t.expert, t.matrix == "down"
         gram_key = "gram_h" if down else "gram_x"
-        gram = st.get(gram_key)
+        gram = _field(st, gram_key)
         out[t.name] = TargetStats(
-            sq=st["hsq" if down else "xsq"][e].float(),
-            gsq=st["ghsq" if down else "gxsq"][e].float(),
+            sq=_field(st, "hsq" if down else "xsq")[e].float(),
+            gsq=_field(st, "ghsq" if down else "gxsq")[e].float(),
             gram=None if gram is None else gram[e].float(),
             ncalls=int(calls[e]) if calls is not None else 0,
-            ntokens=int(st["count"][e]))
+            ntokens=int(_field(st, "count")[e]))
     return out
+
+
+def _field(st: Any, name: str) -> Any:
+    """Observer statistics are a LayerStats object (attributes); accept a plain dict too."""
+    return st.get(name) if isinstance(st, dict) else getattr(st, name, None)
