@@ -1,0 +1,82 @@
+"""``stun-exp-reproduce <table>``: run a paper table's sweep (reusing finished runs), then rebuild it.
+
+    stun-exp-reproduce arctic                      # toy counterpart: launch missing runs, build tables
+    stun-exp-reproduce arctic --mode real          # the real-model sweep (needs the models and a GPU)
+    stun-exp-reproduce all --no-run                # rebuild every table from existing run folders only
+    stun-exp-reproduce kurtosis --dry-run          # print the sweeps and how many jobs are done
+
+Writes ``<out>/<table>_<mode>.{md,tex,csv}`` and ``<out>/<table>_<mode>_<plot>.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from stun_exp.errors import ConfigError
+
+
+def build(exp_name: str, mode: str, runs_root: Path, out: Path, exp_dir: Optional[Path] = None) -> list[Path]:
+    """Build one experiment's table files and plots from the run folders under ``runs_root``."""
+    from stun_exp.reproduce.collect import collect_runs
+    from stun_exp.reproduce.plots import plot
+    from stun_exp.reproduce.spec import load_experiment
+    from stun_exp.reproduce.tables import build_table, run_rows, to_csv, to_latex, to_markdown
+
+    exp = load_experiment(exp_name, exp_dir)
+    runs = collect_runs(runs_root)
+    df = build_table(exp, runs, mode)
+    n = len(run_rows(exp, runs, mode))
+    stem = out / f"{exp.name}_{mode}"
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for suffix, text in ((".md", to_markdown(df, exp, mode, n)), (".tex", to_latex(df, exp, mode, n)),
+                         (".csv", to_csv(df))):
+        p = stem.with_suffix(suffix)
+        p.write_text(text)
+        files.append(p)
+    for spec in exp.plots:
+        files.append(plot(exp, df, spec, mode, out / f"{exp.name}_{mode}_{spec['file']}.png"))
+    return files
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="stun-exp-reproduce", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("table", help="experiment name (experiments/<name>.yaml) or 'all'")
+    ap.add_argument("--mode", choices=["toy", "real"], default="toy")
+    ap.add_argument("--no-run", action="store_true", help="build from existing run folders only")
+    ap.add_argument("--dry-run", action="store_true", help="print the sweeps and their done counts")
+    ap.add_argument("--out", default="docs/tables", help="where tables and plots go")
+    ap.add_argument("--out-root", default="outputs", help="run folders (the runner's out_root)")
+    ap.add_argument("--experiments", default=None, help="folder of experiment YAMLs")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = parse_args(argv)
+    from stun_exp.reproduce.spec import available, load_experiment
+    exp_dir = Path(a.experiments) if a.experiments else None
+    try:
+        names = available(exp_dir) if a.table == "all" else [a.table]
+        for name in names:
+            exp = load_experiment(name, exp_dir)
+            if a.mode not in exp.modes:
+                raise ConfigError("--mode", a.mode, list(exp.modes))
+            if not a.no_run:
+                from stun_exp.reproduce.launch import launch
+                for r in launch(exp, a.mode, Path(a.out_root).resolve(), dry_run=a.dry_run):
+                    print(f"[reproduce] {r['already_complete']}/{r['jobs']} done; rc={r['returncode']}: "
+                          f"{r['command']}", flush=True)
+            if not a.dry_run:
+                for p in build(name, a.mode, Path(a.out_root), Path(a.out), exp_dir):
+                    print(f"[reproduce] wrote {p}", flush=True)
+    except ConfigError as e:
+        print(f"stun-exp-reproduce: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Line plots from a built table: one series per method, ours solid, the paper's dashed.
+
+Used for accuracy vs sparsity, the structured-share interpolation curve (the paper's Figure 1) and
+the STUN-vs-unstructured gap vs number of experts. PNGs are written without a timestamp or
+software tag, so rebuilding from the same runs gives the same bytes on the same matplotlib.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from stun_exp.reproduce.spec import Experiment
+
+
+def _series(df: pd.DataFrame, x: str, y: str, series: str | None) -> dict[str, tuple[list, list]]:
+    out: dict[str, tuple[list, list]] = {}
+    if y not in df.columns:
+        return out
+    for _, r in df.iterrows():
+        if r[y] is None or pd.isna(r[y]) or r[x] is None or pd.isna(r[x]):
+            continue
+        name = str(r[series]) if series else y
+        xs, ys = out.setdefault(name, ([], []))
+        xs.append(float(r[x]))
+        ys.append(float(r[y]))
+    return {k: tuple(zip(*sorted(zip(*v)))) for k, v in out.items()}  # type: ignore[misc]
+
+
+def plot(exp: Experiment, df: pd.DataFrame, spec: dict[str, Any], mode: str, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, y, series = spec["x"], spec["y"], spec.get("series")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    ours = _series(df, x, y, series)
+    paper = _series(df, x, f"{y} (paper)", series)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, name in enumerate(sorted(set(ours) | set(paper))):
+        col = colors[i % len(colors)]
+        if name in ours:
+            ax.plot(*ours[name], marker="o", color=col, label=f"{name} (ours)")
+        if name in paper:
+            ax.plot(*paper[name], marker="s", linestyle="--", color=col, alpha=0.7, label=f"{name} (paper)")
+    ax.set_xlabel(spec.get("xlabel", x))
+    ax.set_ylabel(spec.get("ylabel", y))
+    ax.set_title(f"{spec.get('title', exp.title)} [{mode}]", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ours or paper:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path

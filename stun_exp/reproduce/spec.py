@@ -1,0 +1,122 @@
+"""An experiment file (``experiments/<name>.yaml``): the sweep, the columns, the paper's numbers.
+
+Shape (every key is checked on load, errors name the file and the key)::
+
+    name: arctic
+    title: "..."
+    index: [sparsity, method]             # row keys; `method` comes from `methods`
+    keys: {sparsity: config.sparsity}     # other row keys: a dotted path into the run record
+    methods:                              # a run's method label: first whose `match` holds
+      - {label: OWL, match: {config.expert_pruner.name: none, config.unstructured_pruner.name: owl},
+         set: {}}                         # `set` overrides row keys (e.g. unpruned -> sparsity 0)
+    columns:
+      - {name: GSM8K, real: metrics.gsm8k/exact_match_strict-match, toy: metrics.toy_arith/exact_match,
+         scale: 100}                      # or {name: avg, mean_of: [GSM8K, ...]}
+    gap: {key: method, minuend: STUN+OWL, subtrahend: OWL}      # optional extra rows "A - B"
+    plots: [{file: acc_vs_sparsity, x: sparsity, y: GSM8K, series: method, title: ...}]
+    paper: {source: ..., verified: false, rows: [{sparsity: 0.4, method: OWL, GSM8K: 63.76}, ...]}
+    modes:
+      real: {select: {config.model.name_or_path: ...}, sweeps: [[model=arctic, ...], ...]}
+      toy:  {select: {config.model.kind: toy}, sweeps: [[model=toy, ...], ...]}
+
+Run records are flattened with ``.`` (``metrics.toy_arith/exact_match``, ``config.sparsity``,
+``timings.expert_pruning``), see collect.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from stun_exp.errors import ConfigError
+
+MODES = ("real", "toy")
+TOP_KEYS = {"name", "title", "description", "index", "keys", "methods", "columns", "gap", "plots", "paper",
+            "modes", "float_format"}
+
+
+@dataclass
+class Mode:
+    select: dict[str, Any]
+    sweeps: list[list[str]]
+
+
+@dataclass
+class Experiment:
+    name: str
+    title: str
+    index: list[str]
+    keys: dict[str, str]
+    methods: list[dict[str, Any]]
+    columns: list[dict[str, Any]]
+    modes: dict[str, Mode]
+    paper: dict[str, Any] = field(default_factory=dict)
+    plots: list[dict[str, Any]] = field(default_factory=list)
+    gap: Optional[dict[str, Any]] = None
+    float_format: str = "{:.2f}"
+    path: Optional[str] = None
+
+    def column_names(self) -> list[str]:
+        return [c["name"] for c in self.columns]
+
+
+def experiments_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "experiments"
+
+
+def available(directory: Optional[Path] = None) -> list[str]:
+    return sorted(p.stem for p in (directory or experiments_dir()).glob("*.yaml"))
+
+
+def load_experiment(name_or_path: str, directory: Optional[Path] = None) -> Experiment:
+    """Load and check ``experiments/<name>.yaml`` (or an explicit path)."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = (directory or experiments_dir()) / f"{name_or_path}.yaml"
+    if not p.is_file():
+        raise ConfigError("table", name_or_path, available(directory) or ["(no experiments found)"])
+    d = yaml.safe_load(p.read_text())
+    return parse_experiment(d, str(p))
+
+
+def parse_experiment(d: dict[str, Any], where: str = "<dict>") -> Experiment:
+    unknown = set(d) - TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: {sorted(unknown)[0]}", sorted(unknown)[0], sorted(TOP_KEYS))
+    for k in ("name", "index", "methods", "columns", "modes"):
+        if k not in d:
+            raise ConfigError(f"{where}: {k}", None, "a value (required key)")
+    modes = {}
+    for m, body in d["modes"].items():
+        if m not in MODES:
+            raise ConfigError(f"{where}: modes", m, list(MODES))
+        modes[m] = Mode(select=dict(body.get("select", {})), sweeps=[list(s) for s in body.get("sweeps", [])])
+    exp = Experiment(name=d["name"], title=d.get("title", d["name"]), index=list(d["index"]),
+                     keys=dict(d.get("keys", {})), methods=list(d["methods"]), columns=list(d["columns"]),
+                     modes=modes, paper=dict(d.get("paper", {})), plots=list(d.get("plots", [])),
+                     gap=d.get("gap"), float_format=d.get("float_format", "{:.2f}"), path=where)
+    _check(exp, where)
+    return exp
+
+
+def _check(exp: Experiment, where: str) -> None:
+    for k in exp.index:
+        if k != "method" and k not in exp.keys:
+            raise ConfigError(f"{where}: index", k, ["method", *exp.keys])
+    names = exp.column_names()
+    for c in exp.columns:
+        for src in c.get("mean_of", []):
+            if src not in names:
+                raise ConfigError(f"{where}: columns.{c['name']}.mean_of", src, names)
+    for row in exp.paper.get("rows", []):
+        for k in row:
+            if k not in names and k not in exp.index:
+                raise ConfigError(f"{where}: paper.rows", k, [*exp.index, *names])
+    for p in exp.plots:
+        if p.get("y") not in names:
+            raise ConfigError(f"{where}: plots.y", p.get("y"), names)
+        for k in ("x", "series"):
+            if p.get(k) is not None and p[k] not in exp.index:
+                raise ConfigError(f"{where}: plots.{k}", p[k], exp.index)

@@ -1,0 +1,195 @@
+"""Run records -> the paper's table with our numbers, the paper's and the difference.
+
+Deterministic: rows are sorted (index keys in order; methods in the experiment file's order),
+numbers use one fixed format, and nothing time- or machine-dependent is written, so building
+twice from the same run folders gives byte-identical Markdown, LaTeX and CSV.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import pandas as pd
+
+from stun_exp.reproduce.collect import matches
+from stun_exp.reproduce.spec import Experiment
+
+RUNS_COL = "runs"
+
+
+def _num(v: Any) -> Optional[float]:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _key(v: Any) -> Any:
+    """Canonical row-key value: numbers rounded (0.4 from YAML == 0.4000000001 from a run)."""
+    f = _num(v) if not isinstance(v, bool) else None
+    return round(f, 6) if f is not None else (None if v is None else str(v))
+
+
+def method_of(exp: Experiment, rec: dict[str, Any]) -> Optional[dict[str, Any]]:
+    for m in exp.methods:
+        if matches(rec, m.get("match", {})):
+            return m
+    return None
+
+
+def run_rows(exp: Experiment, runs: pd.DataFrame, mode: str) -> list[dict[str, Any]]:
+    """One row per selected run: its row keys and its column values (scaled)."""
+    sel = exp.modes[mode].select if mode in exp.modes else {}
+    out = []
+    for rec in runs.to_dict("records") if len(runs) else []:
+        if not matches(rec, sel):
+            continue
+        m = method_of(exp, rec)
+        if m is None:
+            continue
+        row: dict[str, Any] = {}
+        for k in exp.index:
+            row[k] = m["label"] if k == "method" else _key(m.get("set", {}).get(k, rec.get(exp.keys[k])))
+        for c in exp.columns:
+            path = c.get(mode, c.get("path"))
+            v = _num(rec.get(path)) if path else None
+            row[c["name"]] = None if v is None else v * float(c.get("scale", 1))
+        for c in exp.columns:
+            if "mean_of" in c:
+                vals = [row[s] for s in c["mean_of"]]
+                row[c["name"]] = None if any(v is None for v in vals) else sum(vals) / len(vals)
+        out.append(row)
+    return out
+
+
+def aggregate(exp: Experiment, rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """Mean over runs sharing the same row keys (seeds); records how many runs each row has."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in exp.index), []).append(r)
+    agg = {}
+    for key, rs in groups.items():
+        vals: dict[str, Any] = {RUNS_COL: len(rs)}
+        for c in exp.column_names():
+            xs = [r[c] for r in rs if r[c] is not None]
+            vals[c] = sum(xs) / len(xs) if xs else None
+        agg[key] = vals
+    return agg
+
+
+def add_gap(exp: Experiment, table: dict[tuple, dict[str, Any]]) -> None:
+    """Extra rows ``A - B`` for the `gap` setting (e.g. STUN+Wanda minus Wanda per expert count)."""
+    g = exp.gap
+    if not g:
+        return
+    pos = exp.index.index(g["key"])
+    label = f"{g['minuend']} - {g['subtrahend']}"
+    for key, a in list(table.items()):
+        if key[pos] != g["minuend"]:
+            continue
+        bkey = key[:pos] + (g["subtrahend"],) + key[pos + 1:]
+        if bkey in table:
+            b = table[bkey]
+            diff = {c: (a[c] - b[c]) if a[c] is not None and b[c] is not None else None
+                    for c in exp.column_names()}
+            table[key[:pos] + (label,) + key[pos + 1:]] = {**diff, RUNS_COL: None}
+
+
+def paper_table(exp: Experiment) -> dict[tuple, dict[str, Any]]:
+    out = {}
+    for r in exp.paper.get("rows", []):
+        key = tuple(r.get(k) if k == "method" else _key(r.get(k)) for k in exp.index)
+        out[key] = {c: _num(r.get(c)) for c in exp.column_names()}
+    return out
+
+
+def _sort_key(exp: Experiment, key: tuple) -> tuple:
+    order = {m["label"]: i for i, m in enumerate(exp.methods)}
+    parts = []
+    for k, v in zip(exp.index, key):
+        if k == "method":
+            parts.append((order.get(v, len(order)), str(v)))
+        else:
+            f = _num(v)
+            parts.append((0 if v is None else 1, f if f is not None else 0.0, "" if f is not None else str(v)))
+    return tuple(parts)
+
+
+def build_table(exp: Experiment, runs: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Index keys, then per column: ours, ``<col> (paper)`` and ``Δ <col>`` (when the paper has it)."""
+    ours = aggregate(exp, run_rows(exp, runs, mode))
+    add_gap(exp, ours)
+    paper = paper_table(exp)
+    with_paper = [c for c in exp.column_names() if any(p[c] is not None for p in paper.values())]
+    rows = []
+    for key in sorted(set(ours) | set(paper), key=lambda k: _sort_key(exp, k)):
+        o, p = ours.get(key, {}), paper.get(key, {})
+        row: dict[str, Any] = dict(zip(exp.index, key))
+        for c in exp.column_names():
+            row[c] = o.get(c)
+            if c in with_paper:
+                row[f"{c} (paper)"] = p.get(c)
+                row[f"Δ {c}"] = o[c] - p[c] if o.get(c) is not None and p.get(c) is not None else None
+        row[RUNS_COL] = o.get(RUNS_COL) or 0
+        rows.append(row)
+    cols = list(exp.index) + [x for c in exp.column_names() for x in
+                              ([c, f"{c} (paper)", f"Δ {c}"] if c in with_paper else [c])] + [RUNS_COL]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# ---- rendering ------------------------------------------------------------------------------
+def fmt_cell(v: Any, col: str, exp: Experiment) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if col == RUNS_COL:
+        return str(int(v))
+    if col in exp.index:
+        f = _num(v)
+        return f"{f:g}" if f is not None else str(v)
+    return exp.float_format.format(float(v))
+
+
+def _cells(df: pd.DataFrame, exp: Experiment) -> list[list[str]]:
+    return [[fmt_cell(v, c, exp) for c, v in zip(df.columns, row)]
+            for row in df.astype(object).itertuples(index=False)]
+
+
+def header_lines(exp: Experiment, mode: str, n_runs: int) -> list[str]:
+    src = exp.paper.get("source", "none recovered")
+    ver = exp.paper.get("verified", False)
+    lines = [f"Mode: {mode}. Built from {n_runs} complete run folder(s).",
+             f"Paper numbers: {src} (verified: {str(ver).lower()})."]
+    if mode == "toy":
+        lines.append("Toy counterpart: the paper's numbers are for the real model; compare trends, "
+                     "not absolute values.")
+    return lines
+
+
+def to_markdown(df: pd.DataFrame, exp: Experiment, mode: str, n_runs: int) -> str:
+    head = [f"# {exp.title} ({mode})", ""] + header_lines(exp, mode, n_runs) + [""]
+    align = ["---" if c in exp.index else "---:" for c in df.columns]
+    lines = ["| " + " | ".join(df.columns) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in _cells(df, exp)]
+    return "\n".join(head + lines) + "\n"
+
+
+def _tex(s: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("#", r"\#"), ("_", r"\_"),
+                 ("Δ", r"$\Delta$"), ("–", "--")):
+        s = s.replace(a, b)
+    return s
+
+
+def to_latex(df: pd.DataFrame, exp: Experiment, mode: str, n_runs: int) -> str:
+    spec = "".join("l" if c in exp.index else "r" for c in df.columns)
+    lines = ["% " + ln for ln in header_lines(exp, mode, n_runs)]
+    lines += [r"\begin{tabular}{" + spec + "}", r"\toprule",
+              " & ".join(_tex(str(c)) for c in df.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(_tex(x) for x in r) + r" \\" for r in _cells(df, exp)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(df: pd.DataFrame) -> str:
+    return df.to_csv(index=False, float_format="%.6f", lineterminator="\n")

@@ -1,0 +1,134 @@
+"""Paper tables from synthetic run folders: exact Markdown, determinism, every experiment file parses."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stun_exp.reproduce.cli import build, main
+from stun_exp.reproduce.collect import collect_runs
+from stun_exp.reproduce.launch import expand_jobs
+from stun_exp.reproduce.spec import available, load_experiment, parse_experiment
+from stun_exp.reproduce.tables import build_table, to_markdown
+
+EXP = {
+    "name": "mini", "title": "Mini table",
+    "index": ["sparsity", "method"], "keys": {"sparsity": "config.sparsity"},
+    "methods": [
+        {"label": "unpruned", "match": {"config.expert_pruner.name": "none", "config.unstructured_pruner.name": "none"},
+         "set": {"sparsity": 0.0}},
+        {"label": "Wanda", "match": {"config.expert_pruner.name": "none", "config.unstructured_pruner.name": "wanda"}},
+        {"label": "STUN+Wanda", "match": {"config.expert_pruner.name": "stun",
+                                          "config.unstructured_pruner.name": "wanda"}},
+    ],
+    "columns": [{"name": "Arith", "toy": "metrics.toy_arith/exact_match", "scale": 100},
+                {"name": "Facts", "toy": "metrics.toy_facts/acc", "scale": 100},
+                {"name": "avg", "mean_of": ["Arith", "Facts"]}],
+    "gap": {"key": "method", "minuend": "STUN+Wanda", "subtrahend": "Wanda"},
+    "plots": [{"file": "acc", "x": "sparsity", "y": "Arith", "series": "method"}],
+    "paper": {"source": "test", "verified": False,
+              "rows": [{"sparsity": 0.0, "method": "unpruned", "Arith": 70.0},
+                       {"sparsity": 0.4, "method": "Wanda", "Arith": 60.0}]},
+    "modes": {"toy": {"select": {"config.model.kind": "toy", "config.eval.name": "toy"},
+                      "sweeps": [["model=toy", "expert_pruner=none,stun", "sparsity=0.4,0.5"]]}},
+}
+
+EXPECTED_MD = """# Mini table (toy)
+
+Mode: toy. Built from 5 complete run folder(s).
+Paper numbers: test (verified: false).
+Toy counterpart: the paper's numbers are for the real model; compare trends, not absolute values.
+
+| sparsity | method | Arith | Arith (paper) | Δ Arith | Facts | avg | runs |
+| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |
+| 0 | unpruned | 80.00 | 70.00 | 10.00 | 90.00 | 85.00 | 1 |
+| 0.4 | Wanda | 45.00 | 60.00 | -15.00 | 70.00 | 57.50 | 2 |
+| 0.4 | STUN+Wanda | 60.00 | – | – | 75.00 | 67.50 | 1 |
+| 0.4 | STUN+Wanda - Wanda | 15.00 | – | – | 5.00 | 10.00 | 0 |
+| 0.5 | STUN+Wanda | 30.00 | – | – | – | – | 1 |
+"""
+
+
+def _run(root: Path, name: str, ep: str, up: str, sp: float, arith: float, facts: float | None,
+         seed: int = 0, complete: bool = True, kind: str = "toy", chash: str | None = None) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    metrics = {"toy_arith/exact_match": arith, "eval_settings": {"name": "toy", "seconds": 1.0}}
+    if facts is not None:
+        metrics["toy_facts/acc"] = facts
+    res = {"complete": complete, "config_hash": chash or f"h-{name}", "seed": seed,
+           "config": {"model": {"kind": kind}, "eval": {"name": "toy", "tasks": ["toy_arith"]},
+                      "expert_pruner": {"name": ep}, "unstructured_pruner": {"name": up}, "sparsity": sp,
+                      "seed": seed},
+           "metrics": metrics, "sparsity": {"decoder_linear": sp}, "timings": {"evaluate": 1.5},
+           "kurtosis": {"dense": {"per_matrix": [{"n": 1}], "model": {"expert_mean": 3.1}}}}
+    (d / "results.json").write_text(json.dumps(res))
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    r = tmp_path / "outputs"
+    _run(r, "b/2", "none", "wanda", 0.4, 0.5, 0.7, seed=0)
+    _run(r, "b/3", "none", "wanda", 0.4, 0.4, 0.7, seed=1)          # second seed: averaged
+    _run(r, "a/1", "none", "none", 0.4, 0.8, 0.9)                    # unpruned: sparsity set to 0
+    _run(r, "c/1", "stun", "wanda", 0.4, 0.6, 0.75)
+    _run(r, "c/2", "stun", "wanda", 0.5, 0.3, None)                  # a missing metric -> "–"
+    _run(r, "d/1", "stun", "wanda", 0.4, 0.99, 0.99, chash="h-c/1")  # same hash as c/1: counted once
+    _run(r, "e/1", "stun", "wanda", 0.4, 0.99, 0.99, complete=False)  # unfinished: ignored
+    _run(r, "f/1", "stun", "wanda", 0.4, 0.99, 0.99, kind="hf")      # another model: not selected
+    _run(r, "g/1", "stun", "magnitude", 0.4, 0.99, 0.99)             # no method matches: left out
+    (r / "h").mkdir()
+    (r / "h" / "results.json").write_text('{"complete": tr')           # corrupt: ignored
+    return r
+
+
+def test_exact_markdown(runs: Path) -> None:
+    exp = parse_experiment(EXP)
+    df = collect_runs(runs)
+    assert len(df) == 7 and df["kurtosis.dense.model.expert_mean"].iloc[0] == 3.1
+    assert to_markdown(build_table(exp, df, "toy"), exp, "toy", 5) == EXPECTED_MD
+
+
+def test_build_twice_identical_files(runs: Path, tmp_path: Path) -> None:
+    d = tmp_path / "exps"
+    d.mkdir()
+    import yaml
+    (d / "mini.yaml").write_text(yaml.safe_dump(EXP))
+    f1 = build("mini", "toy", runs, tmp_path / "t1", d)
+    f2 = build("mini", "toy", runs, tmp_path / "t2", d)
+    assert [p.name for p in f1] == ["mini_toy.md", "mini_toy.tex", "mini_toy.csv", "mini_toy_acc.png"]
+    for a, b in zip(f1, f2):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    assert f1[0].read_text() == EXPECTED_MD
+    tex = f1[1].read_text()
+    assert r"\begin{tabular}{llrrrrrr}" in tex and r"$\Delta$ Arith" in tex and "-15.00" in tex
+    csv = f1[2].read_text().splitlines()
+    assert csv[0] == "sparsity,method,Arith,Arith (paper),Δ Arith,Facts,avg,runs"
+    assert csv[1].startswith("0.000000,unpruned,80.000000,70.000000,10.000000")
+    rc = main(["mini", "--no-run", "--out", str(tmp_path / "t3"), "--out-root", str(runs),
+               "--experiments", str(d)])
+    assert rc == 0 and (tmp_path / "t3" / "mini_toy.md").read_text() == EXPECTED_MD
+
+
+def test_unknown_table_and_bad_spec(tmp_path: Path, capsys) -> None:
+    assert main(["arctc", "--no-run", "--out", str(tmp_path)]) == 2
+    assert "did you mean 'arctic'" in capsys.readouterr().err
+    bad = dict(EXP, columns=[{"name": "x", "mean_of": ["y"]}])
+    with pytest.raises(Exception, match="mean_of"):
+        parse_experiment(bad)
+
+
+def test_expand_jobs() -> None:
+    jobs = expand_jobs(["model=toy", "expert_pruner=none,stun", "sparsity=0.4,0.5", "'eval.tasks=[a,b]'"])
+    assert len(jobs) == 4 and jobs[0][:3] == ["model=toy", "expert_pruner=none", "sparsity=0.4"]
+
+
+@pytest.mark.parametrize("name", available())
+def test_experiment_files_parse(name: str) -> None:
+    exp = load_experiment(name)
+    assert "toy" in exp.modes and "real" in exp.modes and exp.modes["toy"].sweeps
+    assert exp.paper.get("source")
+    for mode in exp.modes.values():
+        for sweep in mode.sweeps:
+            assert expand_jobs(sweep)
