@@ -103,21 +103,34 @@ def _config_experts(config: Any, spec: ArchSpec) -> int:
     return int(getattr(config, spec.experts_key))
 
 
-def _route_params(spec: ArchSpec, config: Any, n_experts: int, router: nn.Module | None) -> RouteParams:
-    """The routing numbers of one layer (per-layer expert count, router buffers)."""
+# Router modules copy these config values at init; the module's copy is what its forward uses.
+_ROUTER_ATTR = {"norm_topk_prob": "norm_topk_prob", "routed_scaling_factor": "routed_scaling_factor",
+                "n_group": "num_group", "topk_group": "topk_group", "topk_method": "topk_method",
+                "router_jitter_noise": "router_jitter_noise", "num_experts_per_tok": "top_k"}
+
+
+def _read(config: Any, router: nn.Module | None, key: str, default: Any = None) -> Any:
+    attr = _ROUTER_ATTR.get(key)
+    if router is not None and attr and hasattr(router, attr):
+        return getattr(router, attr)
+    return getattr(config, key, default)
+
+
+def _route_params(spec: ArchSpec, config: Any, router: nn.Module | None) -> RouteParams:
+    """The routing numbers of one layer (router module attributes first, then the config)."""
     r = spec.routing
-    renorm = bool(getattr(config, r.renorm, False)) if isinstance(r.renorm, str) else bool(r.renorm)
+    renorm = bool(_read(config, router, r.renorm, False)) if isinstance(r.renorm, str) else bool(r.renorm)
     use_groups = r.group is not None and (
-        r.group_method_key is None or getattr(config, r.group_method_key, None) == r.group_method)
+        r.group_method_key is None or _read(config, router, r.group_method_key) == r.group_method)
     bias = getattr(router, r.correction_bias, None) if (router is not None and r.correction_bias) else None
     return RouteParams(
-        top_k=r.fixed_top_k or int(getattr(config, spec.topk_key)),
+        top_k=r.fixed_top_k or int(_read(config, router, spec.topk_key)),
         renorm=renorm,
-        scaling=float(getattr(config, r.scaling_key, 1.0) or 1.0) if r.scaling_key else 1.0,
-        n_group=int(getattr(config, r.n_group_key, 1) or 1) if r.group else 1,
-        topk_group=int(getattr(config, r.topk_group_key, 1) or 1) if r.group else 1,
+        scaling=float(_read(config, router, r.scaling_key, 1.0) or 1.0) if r.scaling_key else 1.0,
+        n_group=int(_read(config, router, r.n_group_key, 1) or 1) if r.group else 1,
+        topk_group=int(_read(config, router, r.topk_group_key, 1) or 1) if r.group else 1,
         use_groups=use_groups,
-        jitter_eps=float(getattr(config, r.jitter_key, 0.0) or 0.0) if r.jitter_key else 0.0,
+        jitter_eps=float(_read(config, router, r.jitter_key, 0.0) or 0.0) if r.jitter_key else 0.0,
         correction_bias=bias,
     )
 
@@ -134,7 +147,7 @@ def model_info_from_config(config: Any) -> ModelInfo:
     moe = [i for i in range(n_layers) if is_moe_layer(spec, config, i)]
     counts = {i: int(per_layer[i]) if per_layer and per_layer[i] is not None else _config_experts(config, spec)
               for i in moe}
-    p = _route_params(spec, config, 0, None)
+    p = _route_params(spec, config, None)
     return ModelInfo(
         arch=spec.name, num_layers=n_layers, moe_layers=moe, experts_per_layer=counts, top_k=p.top_k,
         hidden_size=int(config.hidden_size),
@@ -199,7 +212,7 @@ class MoEAdapter:
         return self.router(l).weight.data
 
     def route_params(self, l: int) -> RouteParams:
-        return _route_params(self.spec, self.config, self.num_experts(l), self.router(l))
+        return _route_params(self.spec, self.config, self.router(l))
 
     def router_logits(self, l: int, h: torch.Tensor) -> torch.Tensor:
         """Call the model's own router module, so the logits are exactly the model's."""
