@@ -125,6 +125,7 @@ class RoutingScorePruner(_ObservedPruner):
 def _logits(s: Any) -> torch.Tensor:
     """The raw router logits the observer kept (``keep_logits=True``), as one [N, E] tensor."""
     lg = stat(s, "logits")
+    lg = lg() if callable(lg) else lg
     return torch.cat(list(lg)) if isinstance(lg, (list, tuple)) else lg
 
 
