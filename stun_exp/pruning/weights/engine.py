@@ -225,12 +225,12 @@ def _expert_target_stats(l: int, targets: list, st: Optional[dict],
                          calls: Optional[Tensor]) -> dict[str, TargetStats]:
     """Map the observer's per-expert arrays onto the gate/up/down targets of layer l."""
     out: dict[str, TargetStats] = {}
+    if st is None or int(_field(st, "count").sum()) == 0:
+        # every calibration token is routed somewhere: no routed token at all means the observer
+        # did not see the experts run (e.g. an experts implementation it cannot intercept)
+        raise DataError(f"layer {l}: the expert observer recorded no routed tokens for any expert")
     for t in targets:
         if t.kind != "expert":
-            continue
-        c_in = t.weight.shape[1]
-        if st is None:
-            out[t.name] = TargetStats(torch.zeros(c_in, device=t.weight.device))
             continue
         e, down = t.expert, t.matrix == "down"
         gram_key = "gram_h" if down else "gram_x"
