@@ -6,8 +6,12 @@ attention). Layout mirrored from the remote ``modeling_arctic.py``:
 
     model.layers[i].block_sparse_moe.gate          nn.Linear(H, E, bias=False)
     model.layers[i].block_sparse_moe.experts[j]    .w1 (gate [I,H]), .w3 (up [I,H]), .w2 (down [H,I])
-    model.layers[i].residual_mlp                   dense MLP (w1/w2/w3) run in parallel with the MoE
-    routing: softmax over all experts -> top-k -> renormalise (as Mixtral)
+    model.layers[i].residual_mlp                   dense MLP (w1/w2/w3, intermediate = hidden size) run in
+                                                   parallel with the MoE (``use_residual``, MoE layers only)
+    model.layers[i].block_sparse_moe.mlp           dense MLP in non-MoE layers ((i+1) % moe_layer_frequency != 0)
+    routing: softmax over all experts -> top-k -> renormalise (when top_k > 1)
+    layer: out = h + residual_mlp(residual_layernorm(h)) + moe(post_attention_layernorm(x)),
+           h = x + attn(input_layernorm(x))   (the MoE reads the layer INPUT x, as in Arctic)
 
 The class is named ``ArcticForCausalLM`` (model_type "arctic") so the adapter matches it the same
 way it matches the real remote class.
@@ -26,12 +30,14 @@ class ArcticConfig(PretrainedConfig):
 
     def __init__(self, vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5,
-                 max_position_embeddings=64, moe_layer_frequency=1, tie_word_embeddings=False, **kw):
+                 max_position_embeddings=64, moe_layer_frequency=1, use_residual=True, hidden_act="silu",
+                 tie_word_embeddings=False, **kw):
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.intermediate_size, self.num_local_experts = intermediate_size, num_local_experts
         self.num_experts_per_tok, self.rms_norm_eps = num_experts_per_tok, rms_norm_eps
         self.max_position_embeddings, self.moe_layer_frequency = max_position_embeddings, moe_layer_frequency
+        self.use_residual, self.hidden_act = use_residual, hidden_act
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kw)
 
 
@@ -50,20 +56,28 @@ class ArcticMLP(nn.Module):
 
 
 class ArcticMoE(nn.Module):
-    def __init__(self, cfg: ArcticConfig):
+    def __init__(self, cfg: ArcticConfig, is_moe_layer: bool):
         super().__init__()
         self.num_experts, self.top_k = cfg.num_local_experts, cfg.num_experts_per_tok
+        self.is_moe_layer = is_moe_layer
+        if not is_moe_layer:
+            self.mlp = ArcticMLP(cfg.hidden_size, cfg.intermediate_size)
+            return
         self.gate = nn.Linear(cfg.hidden_size, self.num_experts, bias=False)
         self.experts = nn.ModuleList(ArcticMLP(cfg.hidden_size, cfg.intermediate_size)
                                      for _ in range(self.num_experts))
 
     def forward(self, x):
+        if not self.is_moe_layer:
+            return self.mlp(x)
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits = self.gate(x)
         probs = F.softmax(logits, dim=-1, dtype=torch.float)
         w, idx = torch.topk(probs, self.top_k, dim=-1)
-        w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+        if self.top_k > 1:
+            w = w / w.sum(-1, keepdim=True)
+        w = w.to(x.dtype)
         out = torch.zeros_like(x)
         for e in range(len(self.experts)):
             tok, pos = torch.where(idx == e)
@@ -91,28 +105,32 @@ class ArcticAttention(nn.Module):
 class ArcticDecoderLayer(nn.Module):
     """Parallel residual MLP + MoE after attention, as Arctic's ``parallel_attn_mlp_res``."""
 
-    def __init__(self, cfg: ArcticConfig):
+    def __init__(self, cfg: ArcticConfig, idx: int):
         super().__init__()
         h = cfg.hidden_size
+        is_moe = (idx + 1) % cfg.moe_layer_frequency == 0
+        self.use_residual = cfg.use_residual and is_moe
         self.input_layernorm = nn.RMSNorm(h, eps=cfg.rms_norm_eps)
         self.self_attn = ArcticAttention(cfg)
-        self.residual_layernorm = nn.RMSNorm(h, eps=cfg.rms_norm_eps)
-        self.residual_mlp = ArcticMLP(h, cfg.intermediate_size)
+        if self.use_residual:
+            self.residual_layernorm = nn.RMSNorm(h, eps=cfg.rms_norm_eps)
+            self.residual_mlp = ArcticMLP(h, h)
         self.post_attention_layernorm = nn.RMSNorm(h, eps=cfg.rms_norm_eps)
-        self.block_sparse_moe = ArcticMoE(cfg)
+        self.block_sparse_moe = ArcticMoE(cfg, is_moe)
 
     def forward(self, x):
-        x = x + self.self_attn(self.input_layernorm(x))
-        dense = self.residual_mlp(self.residual_layernorm(x))
-        moe = self.block_sparse_moe(self.post_attention_layernorm(x))
-        return x + dense + moe
+        h = x + self.self_attn(self.input_layernorm(x))
+        if not self.use_residual:
+            return h + self.block_sparse_moe(self.post_attention_layernorm(h))
+        dense = self.residual_mlp(self.residual_layernorm(h))
+        return h + dense + self.block_sparse_moe(self.post_attention_layernorm(x))
 
 
 class ArcticModel(nn.Module):
     def __init__(self, cfg: ArcticConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(ArcticDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(ArcticDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def forward(self, input_ids):
@@ -147,6 +165,13 @@ class ArcticForCausalLM(ArcticPreTrainedModel):
 
 
 ArcticLikeForCausalLM = ArcticForCausalLM
+
+
+def enable_remote_code_save() -> None:
+    """save_pretrained then copies this file next to the weights and writes ``auto_map``, so the folder
+    loads with ``trust_remote_code=True`` exactly like the real Arctic checkpoint."""
+    ArcticConfig.register_for_auto_class()
+    ArcticForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 def register_auto() -> None:

@@ -156,3 +156,15 @@ def test_model_info_from_config_without_weights() -> None:
     assert info.experts_per_layer == {2: 16, 3: 16, 4: 16} and info.top_k == 4 and info.n_group == 4
     cfg.num_experts_per_layer = [None, None, 12, 8, 16]
     assert model_info_from_config(cfg).experts_per_layer == {2: 12, 3: 8, 4: 16}
+
+
+def test_arctic_layout_with_dense_layers() -> None:
+    """Arctic: (i+1) % moe_layer_frequency selects MoE layers; others hold block_sparse_moe.mlp."""
+    from tests.arctic_like import ArcticConfig, ArcticForCausalLM
+    m = ArcticForCausalLM(ArcticConfig(num_hidden_layers=4, moe_layer_frequency=2)).eval()
+    ad = get_adapter(m)
+    assert ad.moe_layers == [1, 3] == model_info_from_config(m.config).moe_layers
+    kinds = [t.kind for t in ad.linear_targets(0)]
+    assert kinds.count("dense_mlp") == 3 and "router" not in kinds
+    kinds = [t.kind for t in ad.linear_targets(1)]
+    assert kinds.count("dense_mlp") == 3 and kinds.count("expert") == 12   # residual_mlp + 4 experts

@@ -225,6 +225,9 @@ def test_plain_auto_loader_uniform_yes_nonuniform_no(tmp_path) -> None:
         AutoModelForCausalLM.from_pretrained(tmp_path / "u")
     m2, _ = load_pretrained(str(tmp_path / "u"))
     assert torch.equal(_logits(m2, x), _logits(m, x))
+    from stun_exp.models.adapter import model_info_from_config
+    from stun_exp.models.loading import config_for
+    assert model_info_from_config(config_for(str(tmp_path / "u"))).experts_per_layer == {0: 4, 1: 3}
 
 
 def test_uncached_hub_id_fails_fast(monkeypatch) -> None:
@@ -236,3 +239,19 @@ def test_uncached_hub_id_fails_fast(monkeypatch) -> None:
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
         config_for("no-such-org/no-such-moe-model")
     assert time.time() - t < 2.0
+
+
+def test_arctic_remote_code_pruned_roundtrip(tmp_path) -> None:
+    """The stand-in saved WITH its code reloads via trust_remote_code, per-layer counts included."""
+    from tests.tiny_models import save_tiny_checkpoint
+    src = save_tiny_checkpoint("arctic", str(tmp_path / "src"))
+    m, _ = load_pretrained(src, trust_remote_code=True)
+    assert type(m).__module__.startswith("transformers_modules")
+    ad, x = get_adapter(m), tiny_input()
+    remove_experts(ad, 0, [0, 2, 3])
+    merge_experts(ad, 1, [[0, 1], [2, 3]])
+    y = _logits(m, x)
+    save_pretrained(m, None, tmp_path / "pruned")
+    m2, _ = load_pretrained(str(tmp_path / "pruned"), trust_remote_code=True)
+    assert [get_adapter(m2).num_experts(l) for l in (0, 1)] == [3, 2]
+    assert torch.equal(_logits(m2, x), y)

@@ -138,3 +138,16 @@ def tiny_model(arch: str, seed: int = 0) -> nn.Module:
 def tiny_input(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
     """Deterministic token ids [batch, seq] within the tiny vocab."""
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def save_tiny_checkpoint(arch: str, path: str, seed: int = 0, tokenizer=None) -> str:
+    """Save tiny_model(arch) (plus an optional tokenizer) as a HF folder for end-to-end runs.
+
+    The Arctic stand-in is saved with its modeling file and ``auto_map``: load it with
+    ``trust_remote_code=True``.
+    """
+    from stun_exp.models.loading import save_pretrained
+    if arch == "arctic":
+        from tests.arctic_like import enable_remote_code_save
+        enable_remote_code_save()
+    return str(save_pretrained(tiny_model(arch, seed), tokenizer, path))

@@ -311,7 +311,8 @@ class MoEAdapter:
         if l not in self.moe_layers:
             return out + _linears(getattr(layer, spec.moe_attr), f"{pre}.{spec.moe_attr}", "dense_mlp")
         for name in spec.dense_attrs:
-            out += _linears(getattr(layer, name), f"{pre}.{name}", "dense_mlp")
+            if getattr(layer, name, None) is not None:
+                out += _linears(getattr(layer, name), f"{pre}.{name}", "dense_mlp")
         mpre = f"{pre}.{spec.moe_attr}"
         router = self.router(l)
         out.append(Target(f"{mpre}.{spec.router_attr}", "router", router.weight.data, router))
