@@ -123,3 +123,29 @@ def test_validation_errors():
     with pytest.raises(ConfigError, match="target_experts"):
         StunConfig(expert_sparsity=0.25, target_experts=12).validate(info)
     StunConfig(expert_sparsity=0.25).validate(info)
+
+
+def test_coactivation_live_pass_counts_and_matches_naive_top2_pairs():
+    from stun_exp.pruning.expert import clustering as C
+    model = tiny_model("mixtral")
+    a = get_adapter(model)
+    ctx = ctx_for(model, a)
+    plan = StunPruner(distance="coactivation", expert_sparsity=0.25, calib_batch_size=2).plan(ctx)
+    assert ctx.counters.full_model_forwards == 2 and ctx.counters.moe_block_forwards == 0
+    logits = {l: [] for l in a.moe_layers}
+    hooks = [a.router(l).register_forward_hook(lambda m, i, o, l=l: logits[l].append(
+        (o[0] if isinstance(o, tuple) else o).detach())) for l in a.moe_layers]
+    with torch.no_grad():
+        model(input_ids=ctx.calib)
+    for h in hooks:
+        h.remove()
+    tau = plan.meta["search"]["threshold"]
+    for l in a.moe_layers:
+        top2 = torch.softmax(torch.cat(logits[l]), -1).topk(2, dim=-1).indices
+        c = torch.zeros(8, 8)
+        for i, j in top2.tolist():
+            c[i, j] += 1
+            c[j, i] += 1
+        want = C.greedy_clusters(C.coactivation_distance(c), tau, 6)
+        assert plan.layers[l].groups == want
+    assert plan.experts_after == plan.meta["search"]["achieved_experts"]

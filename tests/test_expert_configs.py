@@ -1,0 +1,63 @@
+"""Every conf/expert_pruner/*.yaml composes against its schema, instantiates, and validates."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import stun_exp.pruning.expert.configs  # noqa: F401  (registers the schemas)
+from stun_exp.config.schema import schemas
+from stun_exp.errors import ConfigError
+from stun_exp.models.adapter import get_adapter
+from tests.tiny_models import tiny_model
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+NAMES = ["none", "stun", "frequency", "routing_score", "random", "router_change", "lu_combinatorial"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _store():
+    for (g, n), cls in schemas().items():
+        if g == "expert_pruner":
+            ConfigStore.instance().store(group=g, name=f"schema_{n}", node=cls)
+
+
+def node(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return compose(config_name=None, overrides=[f"+expert_pruner={name}", *overrides]).expert_pruner
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_yaml_composes_instantiates_and_validates(name):
+    n = node(name)
+    assert n.name == name and Path(CONF, "expert_pruner", f"{name}.yaml").read_text().startswith("#")
+    obj = OmegaConf.to_object(n)
+    info = get_adapter(tiny_model("mixtral")).model_info()
+    obj.validate(None, prefix="expert_pruner")
+    obj.validate(info, prefix="expert_pruner")
+    if name == "none":
+        assert n._target_ is None
+    else:
+        assert type(instantiate(n, _convert_="all")).__name__.endswith("Pruner")
+
+
+def test_typos_and_bad_values_fail_fast():
+    with pytest.raises(ConfigCompositionException):
+        node("stun", "expert_pruner.distanse=router")          # unknown key (schema)
+    with pytest.raises(ConfigCompositionException):
+        node("stun", "expert_pruner.kappa=abc")                # type check
+    bad = OmegaConf.to_object(node("routing_score", "expert_pruner.variant=soft_top_mean"))
+    with pytest.raises(ConfigError, match="did you mean 'soft_topk_mean'"):
+        bad.validate(None)
+    info = get_adapter(tiny_model("mixtral")).model_info()
+    lu = OmegaConf.to_object(node("lu_combinatorial", "expert_pruner.max_candidates=10"))
+    with pytest.raises(ConfigError, match=r"C\(8,6\) = 28"):
+        lu.validate(info)
+    st = OmegaConf.to_object(node("stun", "expert_pruner.expert_sparsity=0.25"))
+    st.validate(info)
+    assert st.target(info) == 12
