@@ -89,3 +89,15 @@ def test_report_aggregates() -> None:
     assert m["all_mean_excess"] == pytest.approx(m["all_mean"] - 3)
     assert len(rep["per_matrix"]) == 5 and rep["nonzero_only"] is False
     assert kurtosis_report(ad, nonzero_only=True)["label"] == "non-zero entries only"
+
+
+def test_report_model_pooled() -> None:
+    g = torch.Generator().manual_seed(5)
+    a, b, att = torch.randn(8, 4, generator=g), 4 * torch.randn(8, 4, generator=g), torch.randn(4, 4, generator=g)
+    ad = _fake_adapter({0: [("attention", att), ("expert", a)], 1: [("expert", b)]})
+    m = kurtosis_report(ad)["model"]
+    sk = lambda *ts: stats.kurtosis(torch.cat([t.ravel() for t in ts]).double().numpy(), fisher=False)  # noqa: E731
+    assert m["expert_pooled"] == pytest.approx(sk(a, b))
+    assert m["all_pooled"] == pytest.approx(sk(att, a, b))
+    assert m["expert_pooled_layer_mean"] == pytest.approx((sk(a) + sk(b)) / 2)
+    assert m["all_pooled_excess"] == pytest.approx(m["all_pooled"] - 3)

@@ -15,7 +15,9 @@ recoverable, see reference/methods.md §H; this is our stated default):
   * per layer: unweighted mean over that layer's expert matrices, and the *pooled* kurtosis of all
     expert entries of the layer together (pooling matrices of different variance inflates it);
   * model-wide: unweighted mean over matrices and parameter-count-weighted mean, both for expert
-    matrices only and for every targeted matrix.
+    matrices only and for every targeted matrix; the mean over layers of the per-layer pooled value;
+    and the pooled kurtosis of all expert entries / all targeted entries of the model as one sample
+    (the paper's reported values, ~1.4e4, are only plausible for a pooled figure of that kind).
 Measure dense weights (before unstructured pruning): the spike of zeros left by masks distorts the
 value. ``nonzero_only=True`` uses only the non-zero entries, for pruned models; the report says so.
 """
@@ -80,7 +82,8 @@ def _mean(vals: Sequence[float], weights: Sequence[float] | None = None) -> floa
     return sum(v * w for v, w in pairs) / tot if tot > 0 else math.nan
 
 
-def summarize(rows: Sequence[dict], pooled: dict[int, float]) -> dict[str, Any]:
+def summarize(rows: Sequence[dict], pooled: dict[int, float],
+              model_pooled: dict[str, float] | None = None) -> dict[str, Any]:
     """Per-layer and model-wide aggregates from per-matrix rows (keys layer, kind, n, kurtosis)."""
     per_layer: dict[str, dict[str, float]] = {}
     for layer in sorted({r["layer"] for r in rows}):
@@ -93,6 +96,8 @@ def summarize(rows: Sequence[dict], pooled: dict[int, float]) -> dict[str, Any]:
         vals, ns = [r["kurtosis"] for r in sel], [float(r["n"]) for r in sel]
         model[f"{scope}_mean"] = _mean(vals)
         model[f"{scope}_weighted"] = _mean(vals, ns)
+    model["expert_pooled_layer_mean"] = _mean([per_layer[k]["expert_pooled"] for k in per_layer])
+    model.update(model_pooled or {})
     for k in list(model):
         model[f"{k}_excess"] = model[k] - 3.0
     return {"per_layer": per_layer, "model": model}
@@ -106,8 +111,10 @@ def kurtosis_report(adapter: Any, nonzero_only: bool = False, chunk: int = CHUNK
     """
     rows: list[dict[str, Any]] = []
     pooled: dict[int, float] = {}
+    everything = []
     for layer in range(len(adapter.layers)):
         targets = adapter.linear_targets(layer)
+        everything.extend(targets)
         for t in targets:
             n = int((t.weight != 0).sum()) if nonzero_only else t.weight.numel()
             k = kurtosis(t.weight, nonzero_only=nonzero_only, chunk=chunk)
@@ -119,5 +126,9 @@ def kurtosis_report(adapter: Any, nonzero_only: bool = False, chunk: int = CHUNK
     out = {"nonzero_only": nonzero_only,
            "label": "non-zero entries only" if nonzero_only else "all entries",
            "convention": CONVENTION, "per_matrix": rows}
-    out.update(summarize(rows, pooled))
+    model_pooled = {"expert_pooled": pooled_kurtosis([t.weight for t in everything if t.kind == "expert"],
+                                                     nonzero_only=nonzero_only, chunk=chunk),
+                    "all_pooled": pooled_kurtosis([t.weight for t in everything], nonzero_only=nonzero_only,
+                                                  chunk=chunk)}
+    out.update(summarize(rows, pooled, model_pooled))
     return out

@@ -14,18 +14,36 @@ import pandas as pd
 from stun_exp.reproduce.spec import Experiment
 
 
+def x_positions(df: pd.DataFrame, x: str) -> dict[Any, float]:
+    """Numeric x values map to themselves; categorical ones (model names) to 0, 1, ... in table order."""
+    vals = [v for v in df[x].tolist() if v is not None and not pd.isna(v)]
+    try:
+        return {v: float(v) for v in vals}
+    except (TypeError, ValueError):
+        return {v: float(i) for i, v in enumerate(dict.fromkeys(vals))}
+
+
 def _series(df: pd.DataFrame, x: str, y: str, series: str | None) -> dict[str, tuple[list, list]]:
     out: dict[str, tuple[list, list]] = {}
     if y not in df.columns:
         return out
+    pos = x_positions(df, x)
     for _, r in df.iterrows():
-        if r[y] is None or pd.isna(r[y]) or r[x] is None or pd.isna(r[x]):
+        if r[y] is None or pd.isna(r[y]) or r[x] not in pos:
             continue
         name = str(r[series]) if series else y
         xs, ys = out.setdefault(name, ([], []))
-        xs.append(float(r[x]))
+        xs.append(pos[r[x]])
         ys.append(float(r[y]))
     return {k: tuple(zip(*sorted(zip(*v)))) for k, v in out.items()}  # type: ignore[misc]
+
+
+def _isnum(v: Any) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def plot(exp: Experiment, df: pd.DataFrame, spec: dict[str, Any], mode: str, path: Path) -> Path:
@@ -44,6 +62,9 @@ def plot(exp: Experiment, df: pd.DataFrame, spec: dict[str, Any], mode: str, pat
             ax.plot(*ours[name], marker="o", color=col, label=f"{name} (ours)")
         if name in paper:
             ax.plot(*paper[name], marker="s", linestyle="--", color=col, alpha=0.7, label=f"{name} (paper)")
+    pos = x_positions(df, x)
+    if any(float(k) != v if _isnum(k) else True for k, v in pos.items()):
+        ax.set_xticks(list(pos.values()), [str(k) for k in pos], fontsize=8)
     ax.set_xlabel(spec.get("xlabel", x))
     ax.set_ylabel(spec.get("ylabel", y))
     ax.set_title(f"{spec.get('title', exp.title)} [{mode}]", fontsize=10)

@@ -11,7 +11,7 @@ Shape (every key is checked on load, errors name the file and the key)::
          set: {}}                         # `set` overrides row keys (e.g. unpruned -> sparsity 0)
     columns:
       - {name: GSM8K, real: metrics.gsm8k/exact_match_strict-match, toy: metrics.toy_arith/exact_match,
-         scale: 100}                      # or {name: avg, mean_of: [GSM8K, ...]}
+         scale: 100}                      # or {name: avg, mean_of: [...]} / sum_of / diff_of: [a, b]
     gap: {key: method, minuend: STUN+OWL, subtrahend: OWL}      # optional extra rows "A - B"
     plots: [{file: acc_vs_sparsity, x: sparsity, y: GSM8K, series: method, title: ...}]
     paper: {source: ..., verified: false, rows: [{sparsity: 0.4, method: OWL, GSM8K: 63.76}, ...]}
@@ -105,11 +105,17 @@ def _check(exp: Experiment, where: str) -> None:
     for k in exp.index:
         if k != "method" and k not in exp.keys:
             raise ConfigError(f"{where}: index", k, ["method", *exp.keys])
+    for k, v in exp.keys.items():     # a key is a record path, or {real: path, toy: path}
+        if isinstance(v, dict) and set(v) - set(MODES):
+            raise ConfigError(f"{where}: keys.{k}", sorted(set(v) - set(MODES))[0], list(MODES))
     names = exp.column_names()
     for c in exp.columns:
-        for src in c.get("mean_of", []):
-            if src not in names:
-                raise ConfigError(f"{where}: columns.{c['name']}.mean_of", src, names)
+        if "diff_of" in c and len(c["diff_of"]) != 2:
+            raise ConfigError(f"{where}: columns.{c['name']}.diff_of", c["diff_of"], "two column names [a, b]")
+        for op in ("mean_of", "sum_of", "diff_of"):
+            for src in c.get(op, []):
+                if src not in names:
+                    raise ConfigError(f"{where}: columns.{c['name']}.{op}", src, names)
     for row in exp.paper.get("rows", []):
         for k in row:
             if k not in names and k not in exp.index:

@@ -15,6 +15,7 @@ from stun_exp.reproduce.collect import matches
 from stun_exp.reproduce.spec import Experiment
 
 RUNS_COL = "runs"
+DERIVED = ("mean_of", "sum_of", "diff_of")
 
 
 def _num(v: Any) -> Optional[float]:
@@ -38,6 +39,11 @@ def method_of(exp: Experiment, rec: dict[str, Any]) -> Optional[dict[str, Any]]:
     return None
 
 
+def key_path(exp: Experiment, key: str, mode: str) -> Optional[str]:
+    v = exp.keys[key]
+    return v.get(mode) if isinstance(v, dict) else v
+
+
 def run_rows(exp: Experiment, runs: pd.DataFrame, mode: str) -> list[dict[str, Any]]:
     """One row per selected run: its row keys and its column values (scaled)."""
     sel = exp.modes[mode].select if mode in exp.modes else {}
@@ -50,17 +56,41 @@ def run_rows(exp: Experiment, runs: pd.DataFrame, mode: str) -> list[dict[str, A
             continue
         row: dict[str, Any] = {}
         for k in exp.index:
-            row[k] = m["label"] if k == "method" else _key(m.get("set", {}).get(k, rec.get(exp.keys[k])))
+            row[k] = m["label"] if k == "method" else _key(m.get("set", {}).get(k, rec.get(key_path(exp, k, mode))))
         for c in exp.columns:
-            path = c.get(mode, c.get("path"))
+            path = column_path(c, mode)
             v = _num(rec.get(path)) if path else None
             row[c["name"]] = None if v is None else v * float(c.get("scale", 1))
-        for c in exp.columns:
-            if "mean_of" in c:
-                vals = [row[s] for s in c["mean_of"]]
-                row[c["name"]] = None if any(v is None for v in vals) else sum(vals) / len(vals)
+        _derived(exp, row, mode)
         out.append(row)
     return out
+
+
+def column_path(col: dict[str, Any], mode: str) -> Optional[str]:
+    """The run-record path of a column in this mode (None: not measured in this mode)."""
+    return col.get(mode, col.get("path"))
+
+
+def _derived(exp: Experiment, row: dict[str, Any], mode: str) -> None:
+    """mean_of / sum_of / diff_of columns over the source columns this mode measures.
+
+    mean_of and sum_of skip sources this mode does not measure; any missing value gives None.
+    diff_of: [a, b] is a - b.
+    """
+    by_name = {c["name"]: c for c in exp.columns}
+    measured = lambda n: column_path(by_name[n], mode) or any(op in by_name[n] for op in DERIVED)  # noqa: E731
+    for c in exp.columns:
+        for op in DERIVED:
+            if op not in c:
+                continue
+            srcs = c[op] if op == "diff_of" else [s for s in c[op] if measured(s)]
+            vals = [row.get(s) for s in srcs]
+            if not vals or any(v is None for v in vals):
+                row[c["name"]] = None
+            elif op == "diff_of":
+                row[c["name"]] = vals[0] - vals[1]
+            else:
+                row[c["name"]] = sum(vals) / (len(vals) if op == "mean_of" else 1)
 
 
 def aggregate(exp: Experiment, rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
