@@ -24,6 +24,7 @@ survivors are ordered by original group (stable), which keeps every expert in it
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence
 
 import torch
@@ -120,7 +121,7 @@ def rebuild_layer(adapter: MoEAdapter, l: int, sources: list[Source]) -> None:
         for members, w in sources:
             mod = ex[members[0]]
             if len(members) > 1:
-                mod = _copy_module(mod)
+                mod = copy.deepcopy(mod)
                 for pname, p in mod.named_parameters():
                     stacked = torch.stack([ex[m].get_parameter(pname).data for m in members])
                     p.data = _combine(stacked, list(range(len(members))), w)
@@ -139,11 +140,6 @@ def rebuild_layer(adapter: MoEAdapter, l: int, sources: list[Source]) -> None:
         for attr in ("num_experts", "out_features"):
             if hasattr(mod, attr) and isinstance(getattr(mod, attr), int):
                 setattr(mod, attr, n_new)
-
-
-def _copy_module(mod: nn.Module) -> nn.Module:
-    import copy
-    return copy.deepcopy(mod)
 
 
 # ---- zero_output ---------------------------------------------------------------------------------
