@@ -124,3 +124,29 @@ def test_router_change_hand_built(tmp_path):
         RouterChangePruner(pretrained_path=str(path)).plan(ctx)
     with pytest.raises(ConfigError, match="pretrained_path"):
         RouterChangePruner().plan(ctx)
+
+
+def test_grouped_selection_balances_routing_groups():
+    from stun_exp.pruning.expert.selection import keep_grouped, select
+    scores = [0.1, 0.2, 0.9, 0.8, 0.05, 0.7, 0.6, 0.5]             # groups {0..3}, {4..7}
+    assert keep_grouped(scores, 0.5, 2, 2) == [2, 3, 5, 6]          # 2 lowest inside each group
+    with pytest.raises(ConfigError, match="divisible"):
+        keep_grouped(scores, 0.125, 2, 2)
+    with pytest.raises(ConfigError, match="scope"):
+        select({0: scores}, 0.5, 2, "global", {0: 2})
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "gpt_oss", "arctic"])
+def test_pruners_apply_on_other_architectures(arch):
+    from stun_exp.pruning.expert.lu import LuCombinatorialPruner
+    from stun_exp.pruning.expert.stun import StunPruner
+    for make in (lambda: StunPruner(expert_sparsity=0.25), lambda: B.FrequencyPruner(expert_sparsity=0.5),
+                 lambda: LuCombinatorialPruner(expert_sparsity=0.5)):
+        model = tiny_model(arch)
+        ctx = ctx_for(model)
+        plan = make().plan(ctx)
+        apply_plan(ctx.adapter, plan)
+        assert [ctx.adapter.num_experts(l) for l in ctx.adapter.moe_layers] == \
+            [len(plan.layers[l].groups) for l in ctx.adapter.moe_layers]
+        with torch.no_grad():
+            assert torch.isfinite(model(tiny_input(1, 8)).logits).all()

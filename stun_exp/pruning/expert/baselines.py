@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from stun_exp.pruning.expert.common import counters_delta, observe, stat, timed
+from stun_exp.pruning.expert.common import counters_delta, observe, routing_groups, stat, timed
 from stun_exp.pruning.expert.configs import FrequencyConfig, RandomConfig, RoutingScoreConfig
 from stun_exp.pruning.expert.plan import ExpertPlan
 from stun_exp.pruning.expert.selection import n_removed, select
@@ -85,7 +85,7 @@ class _ObservedPruner:
         with timed(meta):
             stats, _ = observe(ctx, cfg.calib_batch_size, keep_logits=self.keep_logits)
             scores = self.scores(stats, layers)
-            keep = select(scores, cfg.expert_sparsity, a.top_k, cfg.scope)
+            keep = select(scores, cfg.expert_sparsity, a.top_k, cfg.scope, routing_groups(a))
         meta.update(scores={str(l): [float(x) for x in s] for l, s in scores.items()},
                     forward_passes=counters_delta(ctx, before))
         return ExpertPlan.from_keep(self.method, {l: a.num_experts(l) for l in layers}, keep,
@@ -142,6 +142,6 @@ class RandomPruner:
         meta: dict[str, Any] = {"scope": cfg.scope, "seed": cfg.seed}
         with timed(meta):
             keep = select(random_scores(n, cfg.seed, cfg.scope, cfg.expert_sparsity),
-                          cfg.expert_sparsity, a.top_k, cfg.scope)
+                          cfg.expert_sparsity, a.top_k, cfg.scope, routing_groups(a))
         meta["forward_passes"] = {"full_model_forwards": 0, "moe_block_forwards": 0}
         return ExpertPlan.from_keep("random", n, keep, "slice_router", **meta)

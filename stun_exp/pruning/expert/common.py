@@ -61,3 +61,16 @@ def counters_delta(ctx: Any, before: dict[str, int]) -> dict[str, int]:
     """Forward passes this pruner ran (difference of ``ctx.counters`` since ``before``)."""
     now = ctx.counters.as_dict()
     return {k: now[k] - before.get(k, 0) for k in now}
+
+
+def routing_groups(adapter: Any) -> dict[int, int]:
+    """Per MoE layer: the number of position-based routing groups surgery must keep balanced (1 = none).
+
+    Same rule as ``models.surgery._group_order``: DeepSeek-style group-limited routing that is on.
+    """
+    out = {}
+    for l in adapter.moe_layers:
+        p = adapter.route_params(l)
+        on = p.n_group > 1 and (p.use_groups or adapter.spec.routing.group == "top2sum")
+        out[l] = int(p.n_group) if on else 1
+    return out

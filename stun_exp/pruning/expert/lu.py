@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from stun_exp.errors import ConfigError
-from stun_exp.pruning.expert.common import calib_batches, counters_delta, timed
+from stun_exp.pruning.expert.common import calib_batches, counters_delta, routing_groups, timed
 from stun_exp.pruning.expert.configs import LuCombinatorialConfig
 from stun_exp.pruning.expert.plan import ExpertPlan
 from stun_exp.pruning.expert.selection import n_kept
@@ -49,13 +49,27 @@ def check_budget(experts_per_layer: Mapping[int, int], layers: Sequence[int], ex
 
 @torch.no_grad()
 def enumerate_drops(moe: MoeFn, xs: Sequence[torch.Tensor], zs: Sequence[torch.Tensor], n: int,
-                    r: int) -> tuple[tuple[int, ...], dict[tuple[int, ...], float]]:
-    """Best dropped set and the loss of every candidate (Σ_b ‖Z_b − MoE(X_b; drop)‖_F, fp64)."""
+                    r: int, n_group: int = 1) -> tuple[tuple[int, ...], dict[tuple[int, ...], float]]:
+    """Best dropped set and the loss of every candidate (Σ_b ‖Z_b − MoE(X_b; drop)‖_F, fp64).
+
+    ``n_group`` > 1 (group-limited routing): only drops removing the same count from every
+    position-based routing group are candidates (surgery must keep the groups balanced).
+    """
     losses: dict[tuple[int, ...], float] = {}
     for dropped in itertools.combinations(range(n), n - r):
+        if n_group > 1 and not _balanced(dropped, n, n_group):
+            continue
         losses[dropped] = sum(float(torch.linalg.norm(z.double() - moe(x, dropped).double()))
                               for x, z in zip(xs, zs))
     return min(losses, key=losses.get), losses
+
+
+def _balanced(dropped: Sequence[int], n: int, n_group: int) -> bool:
+    per = n // n_group
+    counts = [0] * n_group
+    for e in dropped:
+        counts[e // per] += 1
+    return len(set(counts)) == 1
 
 
 def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -124,6 +138,12 @@ class LuCombinatorialPruner:
         cfg.validate(info)                                  # includes the C(n, r) budget, before any pass
         layers = list(a.moe_layers)
         n = {l: a.num_experts(l) for l in layers}
+        groups = routing_groups(a)
+        for l in layers:
+            drop = n[l] - n_kept(cfg.expert_sparsity, n[l])
+            if drop % groups[l]:
+                raise ConfigError("expert_pruner.expert_sparsity", cfg.expert_sparsity,
+                                  f"a fraction whose removed count ({drop}) is divisible by n_group={groups[l]}")
         meta: dict[str, Any] = {"variant": cfg.variant, "loss": "sum over batches of ||Z - Z_hat||_F (fp64)"}
         before = ctx.counters.as_dict()
         drops: dict[int, tuple[int, ...]] = {}
@@ -135,7 +155,7 @@ class LuCombinatorialPruner:
                 if cfg.variant == "progressive":
                     xs[l] = self._inputs(ctx, [l], drops)[l]
                 drops[l], loss = enumerate_drops(self._moe_fn(ctx, l), xs[l], zs[l], n[l],
-                                                 n_kept(cfg.expert_sparsity, n[l]))
+                                                 n_kept(cfg.expert_sparsity, n[l]), groups[l])
                 best = sorted(loss.items(), key=lambda kv: kv[1])[:10]
                 losses[str(l)] = {",".join(map(str, k)): v for k, v in best}
                 del zs[l]

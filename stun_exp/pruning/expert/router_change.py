@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from stun_exp.errors import ConfigError
-from stun_exp.pruning.expert.common import router_weights, timed
+from stun_exp.pruning.expert.common import router_weights, routing_groups, timed
 from stun_exp.pruning.expert.configs import RouterChangeConfig
 from stun_exp.pruning.expert.plan import ExpertPlan
 from stun_exp.pruning.expert.selection import select
@@ -86,7 +86,7 @@ class RouterChangePruner:
             pre = load_pretrained_routers(cfg.pretrained_path, layers)
             check_shapes(tuned, pre, cfg.pretrained_path)
             scores = {l: router_delta(tuned[l], pre[l], cfg.delta) for l in layers}
-            keep = select(scores, cfg.expert_sparsity, a.top_k, cfg.scope)
+            keep = select(scores, cfg.expert_sparsity, a.top_k, cfg.scope, routing_groups(a))
         meta.update(scores={str(l): [float(x) for x in s] for l, s in scores.items()},
                     forward_passes={"full_model_forwards": 0, "moe_block_forwards": 0})
         return ExpertPlan.from_keep("router_change", {l: a.num_experts(l) for l in layers}, keep,

@@ -18,6 +18,9 @@ Differences from the reference, all deliberate:
   top_k distinct experts; the reference allowed down to 1 and routed to min(k, K)).
 * ``max_merges_per_layer: null`` resolves to the reference's defaults: 1 for a single pass at
   ``threshold`` (merge_weight.py), no cap when searching a target (README Arctic, top_k = n-1).
+* Group-limited routers (DeepSeek n_group > 1, an extension): experts are only clustered within
+  their routing group, and a plan leaving unequal counts per group is refused (surgery needs them
+  balanced).
 * Weights and centroids in fp32 (the code uses bf16); the group order is by smallest member id (the
   code iterates a Python set).
 """
@@ -30,7 +33,7 @@ import torch
 
 from stun_exp.errors import ConfigError
 from stun_exp.pruning.expert import clustering as C
-from stun_exp.pruning.expert.common import counters_delta, observe, router_weights, stat, timed
+from stun_exp.pruning.expert.common import counters_delta, observe, router_weights, routing_groups, stat, timed
 from stun_exp.pruning.expert.configs import StunConfig
 from stun_exp.pruning.expert.plan import ExpertPlan, LayerPlan
 from stun_exp.pruning.expert.search import search_threshold
@@ -77,6 +80,27 @@ def layer_plan(clusters: Sequence[Sequence[int]], weights_of: Callable[[int], li
     return LayerPlan([list(c) for c in clusters], reps)
 
 
+def mask_cross_group(d: torch.Tensor, n_group: int) -> torch.Tensor:
+    """+inf between experts of different position-based routing groups (group-limited routers)."""
+    if n_group <= 1:
+        return d
+    gid = torch.arange(d.shape[0]) // (d.shape[0] // n_group)
+    return d.masked_fill(gid[:, None] != gid[None, :], float("inf"))
+
+
+def check_balanced(clusters: Mapping[int, list[list[int]]], groups: Mapping[int, int],
+                   experts: Mapping[int, int]) -> None:
+    """Group-routed layers need the same number of clusters in every routing group (surgery)."""
+    for l, cl in clusters.items():
+        if groups[l] <= 1:
+            continue
+        per = experts[l] // groups[l]
+        counts = [sum(1 for c in cl if c[0] // per == g) for g in range(groups[l])]
+        if len(set(counts)) > 1:
+            raise ConfigError("expert_pruner.name", "stun", "a pruner that keeps routing groups balanced "
+                              f"(layer {l}: clusters per routing group {counts}; n_group={groups[l]})")
+
+
 def load_coactivation(path: str, layers: Sequence[int], experts: Mapping[int, int]) -> dict[int, torch.Tensor]:
     """Precomputed counts: a torch file mapping layer index (int or str) -> [E, E] tensor."""
     raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -117,8 +141,11 @@ class StunPruner:
         with timed(meta):
             routers = router_weights(a) if cfg.distance in ("router", "mixed") else {}
             coact = self._coactivation(ctx, meta) if cfg.distance != "router" else {}
-            dists = {l: layer_distance(cfg, routers.get(l), coact.get(l)) for l in a.moe_layers}
+            groups = routing_groups(a)
+            dists = {l: mask_cross_group(layer_distance(cfg, routers.get(l), coact.get(l)), groups[l])
+                     for l in a.moe_layers}
             clusters, meta["search"] = cluster_layers(dists, cfg, cfg.target(info), a.top_k)
+            check_balanced(clusters, groups, {l: a.num_experts(l) for l in a.moe_layers})
 
             def weights_of(l: int) -> Callable[[int], list[torch.Tensor]]:
                 return lambda e: [w for _, w in sorted(a.expert(l, e).items())]
