@@ -61,3 +61,12 @@ def test_typos_and_bad_values_fail_fast():
     st = OmegaConf.to_object(node("stun", "expert_pruner.expert_sparsity=0.25"))
     st.validate(info)
     assert st.target(info) == 12
+
+
+def test_registry_matches_schema_targets_and_suggests_names():
+    from stun_exp.pruning.expert import PRUNERS, pruner_class
+    for (g, n), cls in schemas().items():
+        if g == "expert_pruner" and n != "none":
+            assert PRUNERS[n] == cls._target_ and pruner_class(n).__name__ == cls._target_.rsplit(".", 1)[1]
+    with pytest.raises(KeyError, match="did you mean 'frequency'"):
+        pruner_class("frequncy")

@@ -174,8 +174,9 @@ class StunConfig(Validatable):
             raise ConfigError(f"{prefix}.kappa", self.kappa, "an integer >= 2")
         if not self.search_step > 0:
             raise ConfigError(f"{prefix}.search_step", self.search_step, "a number > 0")
-        if self.calib_batch_size < 1 or self.search_max_iters < 1:
-            raise ConfigError(f"{prefix}.calib_batch_size", self.calib_batch_size, "an integer >= 1")
+        for key in ("calib_batch_size", "search_max_iters"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{prefix}.{key}", getattr(self, key), "an integer >= 1")
         if info is not None:
             self._check_target(info, prefix)
 

@@ -27,6 +27,7 @@ Differences from the reference, all deliberate:
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -61,7 +62,8 @@ def cluster_layers(dists: Mapping[int, torch.Tensor], cfg: StunConfig, target: O
         return sum(len(C.greedy_clusters(p, tau, caps[l])) for l, p in pairs.items())
 
     if target is None:
-        tau, meta = float(cfg.threshold), {"threshold": float(cfg.threshold), "searched": False}
+        tau = float(cfg.threshold)
+        meta = {"threshold": tau if math.isfinite(tau) else str(tau), "searched": False}   # JSON-safe
     else:
         res = search_threshold(total_at, target, cfg.search_init, cfg.search_step, cfg.search_max_iters)
         if not res.hit:
