@@ -56,7 +56,7 @@ def _task_dir(d: Path) -> Path:
     gen = [{"question": f"what is {a} plus {b}?", "answer": str(a + b)} for a, b in [(1, 1), (2, 3), (4, 4)]]
     for name, rows in (("mc", mc), ("gen", gen)):
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "tiny_mc.yaml").write_text(f"""task: tiny_mc
+    (d / "toy_compare.yaml").write_text(f"""task: toy_compare
 dataset_path: json
 dataset_kwargs: {{data_files: {{train: {d / 'mc.jsonl'}, test: {d / 'mc.jsonl'}}}}}
 training_split: train
@@ -69,7 +69,7 @@ metric_list: [{{metric: acc, aggregation: mean, higher_is_better: true}},
   {{metric: acc_norm, aggregation: mean, higher_is_better: true}}]
 metadata: {{version: 1.0}}
 """)
-    (d / "tiny_gen.yaml").write_text(f"""task: tiny_gen
+    (d / "toy_arith.yaml").write_text(f"""task: toy_arith
 dataset_path: json
 dataset_kwargs: {{data_files: {{test: {d / 'gen.jsonl'}}}}}
 test_split: test
@@ -104,33 +104,28 @@ def test_run_lm_eval_on_pruned_in_memory_model(tiny) -> None:
     from stun_exp.evaluation.lm_eval_bridge import run_lm_eval
     model, tok, d = tiny
     seeds = {"random_seed": 1, "numpy_random_seed": 2, "torch_random_seed": 3, "fewshot_random_seed": 4}
-    out = run_lm_eval(model, tok, ["tiny_mc", "tiny_gen"], num_fewshot={"tiny_mc": 0, "tiny_gen": 1},
-                      metrics={"tiny_mc": ["acc", "acc_norm"]}, include_path=str(d), include_defaults=False,
+    out = run_lm_eval(model, tok, ["toy_compare", "toy_arith"], num_fewshot={"toy_compare": 0, "toy_arith": 1},
+                      metrics={"toy_compare": ["acc", "acc_norm"]}, include_path=str(d), include_defaults=False,
                       batch_size=4, seeds=seeds)
     st = out.pop("settings")
-    assert set(out) == {"tiny_mc/acc", "tiny_mc/acc_norm", "tiny_gen/exact_match"}
-    assert out["tiny_mc/acc"] == pytest.approx(_naive_mc_acc(model, tok, d))
-    assert 0.0 <= out["tiny_gen/exact_match"] <= 1.0
-    assert st["seeds"] == seeds and st["num_fewshot"] == {"tiny_mc": 0, "tiny_gen": 1}
+    assert set(out) == {"toy_compare/acc", "toy_compare/acc_norm", "toy_arith/exact_match"}
+    assert out["toy_compare/acc"] == pytest.approx(_naive_mc_acc(model, tok, d))
+    assert 0.0 <= out["toy_arith/exact_match"] <= 1.0
+    assert st["seeds"] == seeds and st["num_fewshot"] == {"toy_compare": 0, "toy_arith": 1}
     assert st["bootstrap_iters"] == 0 and st["batch_size"] == 4
     assert model.config.output_router_logits is True  # restored after evaluation
 
 
 def test_evaluate_toy_suite_with_ppl(tiny) -> None:
     from stun_exp.evaluation import evaluate
-    from stun_exp.evaluation.configs import TOY_TASKS, ToyEval
+    from stun_exp.evaluation.configs import ToyEval
     from stun_exp.evaluation.perplexity import text_file_tokens
     model, tok, d = tiny
-    TOY_TASKS_BACKUP = dict(TOY_TASKS)
-    try:  # register the test's local task as a toy task for this call
-        TOY_TASKS["tiny_mc"] = TOY_TASKS["toy_arith"].__class__("tiny_mc", None, source="toy")
-        cfg = ToyEval(tasks=["tiny_mc"], task_dir=str(d), limit=3, ppl_seqlen=16, ppl_batch_size=2)
-        cfg.validate()
-        out = evaluate(model, tok, cfg)
-    finally:
-        TOY_TASKS.clear()
-        TOY_TASKS.update(TOY_TASKS_BACKUP)
-    assert set(out) == {"tiny_mc/acc", "tiny_mc/acc_norm", "heldout/ppl", "heldout/ppl_tokens", "eval_settings"}
+    cfg = ToyEval(tasks=["toy_compare"], task_dir=str(d), limit=3, ppl_seqlen=16, ppl_batch_size=2)
+    cfg.validate()
+    out = evaluate(model, tok, cfg)
+    assert set(out) == {"toy_compare/acc", "toy_compare/acc_norm", "heldout/ppl", "heldout/ppl_tokens",
+                        "eval_settings"}
     st = out["eval_settings"]
     assert st["lm_eval"]["limit"] == 3 and st["ppl"]["seqlen"] == 16
     # perplexity against a naive loop over windows using the model's own mean loss
