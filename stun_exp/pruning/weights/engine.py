@@ -20,6 +20,7 @@ Non-finite weights or activations raise DataError naming the layer and module.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -111,6 +112,7 @@ class SequentialEngine:
         self.model, self.adapter, self.calib, self.device = model, adapter, calib, torch.device(device)
         self.select, self.counters, self.gram, self.desc = select, counters, gram, desc
         self.layer_forwards = 0
+        self.layer_seconds: list[float] = []     # wall time per layer (observe + process + re-run)
 
     # ---- public -------------------------------------------------------------------------------
     def run(self, process: Process, observe: bool = True) -> None:
@@ -119,6 +121,7 @@ class SequentialEngine:
         cap = capture_inputs(self.model, layers, self.calib, self.device) if observe else None
         inps = cap.hidden if cap else None
         for l in tqdm(range(len(layers)), desc=self.desc, leave=False):
+            start = time.perf_counter()
             layer = layers[l]
             home = _device_of(layer)
             layer.to(self.device)
@@ -134,6 +137,9 @@ class SequentialEngine:
                     outs = self._propagate(l, layer, inps, args, cap.hidden_as_kwarg)
                 inps = outs
             layer.to(home)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.layer_seconds.append(time.perf_counter() - start)
 
     # ---- internals ----------------------------------------------------------------------------
     def _forward(self, layer: nn.Module, h: Tensor, args: tuple, as_kw: bool) -> Tensor:

@@ -91,6 +91,8 @@ class UnstructuredPruner:
         engine.run(lambda l, targets, stats: self._prune_layer(l, targets, stats, plan[l], report),
                    observe=self._needs_data)
         report["layer_forwards"] += engine.layer_forwards
+        report["layer_seconds"] = [a + b for a, b in zip(engine.layer_seconds, report["layer_seconds"])] \
+            if report["layer_seconds"] else engine.layer_seconds
         self._finish(report)
         return report
 
@@ -170,7 +172,8 @@ class UnstructuredPruner:
                 "prune_shared_experts": self.flags["shared_expert"],
                 "prune_dense_mlp": self.flags["dense_mlp"],
                 "zero_token_experts": self.zero_token_experts, "zero_token_experts_by_layer": {},
-                "per_layer": {}, "skipped": [], "tokens_per_expert": {}, "layer_forwards": 0}
+                "per_layer": {}, "skipped": [], "tokens_per_expert": {}, "layer_forwards": 0,
+                "layer_seconds": []}
 
     @staticmethod
     def _finish(report: dict) -> None:
@@ -228,6 +231,7 @@ class OWLPruner(UnstructuredPruner):
         engine = self._engine(ctx, "owl:outliers")
         engine.run(measure)
         report["layer_forwards"] += engine.layer_forwards
+        report["layer_seconds"] = engine.layer_seconds
         report["owl"] = {"m": self.owl_m, "lambda": self.owl_lambda, "weighting": self.owl_weighting,
                          "outlier_ratios": ratios, "layer_numel": sizes}
         if self.nm is not None:
