@@ -101,3 +101,20 @@ def test_report_model_pooled() -> None:
     assert m["all_pooled"] == pytest.approx(sk(att, a, b))
     assert m["expert_pooled_layer_mean"] == pytest.approx((sk(a) + sk(b)) / 2)
     assert m["all_pooled_excess"] == pytest.approx(m["all_pooled"] - 3)
+
+
+def test_report_on_real_adapter() -> None:
+    """Through the adapter's linear_targets on a tiny Mixtral (fused 3-D expert storage)."""
+    from stun_exp.models.adapter import get_adapter
+    from tests.tiny_models import tiny_model
+    model = tiny_model("mixtral")
+    ad = get_adapter(model)
+    rep = kurtosis_report(ad)
+    experts = [r for r in rep["per_matrix"] if r["kind"] == "expert"]
+    assert len(experts) == 2 * 8 * 3
+    w = ad.expert(0, 3)["down"]
+    row = next(r for r in experts if r["layer"] == 0 and r["expert"] == 3 and r["matrix"] == "down")
+    assert row["kurtosis"] == pytest.approx(stats.kurtosis(w.double().numpy().ravel(), fisher=False), rel=1e-9)
+    pooled0 = torch.cat([ad.expert(0, e)[m].reshape(-1) for e in range(8) for m in ("gate", "up", "down")])
+    assert rep["per_layer"]["0"]["expert_pooled"] == pytest.approx(
+        stats.kurtosis(pooled0.double().numpy(), fisher=False), rel=1e-9)
