@@ -14,6 +14,7 @@ growth sampled every 5 ms, a coarse figure). Per-layer time = mean wall time of 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import threading
@@ -88,7 +89,7 @@ def run_one(model_name: str, method: tuple, nm: str | None, args: argparse.Names
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     t = time.perf_counter()
-    with RssPeak() as rss:
+    with (RssPeak() if device.type == "cpu" else contextlib.nullcontext()) as rss:
         rep = pruner.prune(ctx, sparsity=0.5)
     total = time.perf_counter() - t
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else rss.mb
