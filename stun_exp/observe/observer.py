@@ -8,8 +8,8 @@ How it sees what the model really does, without changing outputs or holding acti
 - Fused experts (transformers 5): a custom entry "stun_observe" in transformers'
   ``ALL_EXPERTS_FUNCTIONS`` registry is switched on only inside the ``with`` block (the previous
   implementation is restored on exit). It receives the model's own (hidden, top_k_index,
-  top_k_weights), computes each routed expert like the eager forward (x -> h once), records the
-  statistics and returns the same output. Router logits come from a forward hook on the router.
+  top_k_weights), records the statistics and returns the previous implementation's output
+  (bit-identical). Router logits come from a forward hook on the router.
 - ModuleList experts (Arctic remote code): a forward pre-hook on the MoE block re-runs the router
   and the adapter's routing rule (tested equal to the model's) and recomputes act(gate x)·up x for
   the routed tokens (extra compute during calibration only).
@@ -29,21 +29,42 @@ from ..models.adapter import MoEAdapter
 from .stats import LayerStats, add_logits, observe_tokens
 
 IMPL_NAME = "stun_observe"
-_ACTIVE: dict[int, tuple["ExpertObserver", int]] = {}   # id(experts module) -> (observer, layer)
+_ACTIVE: dict[int, tuple["ExpertObserver", int, bool]] = {}   # id(experts) -> (observer, layer, observed?)
+
+
+def _previous_forward(self: nn.Module, obs: "ExpertObserver"):
+    """The experts implementation that was active before observing (eager = the class's own forward)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    eager = type(self).forward.__wrapped__
+    prev = obs._prev_impl
+    return eager if prev in (None, "eager") else ALL_EXPERTS_FUNCTIONS.get_interface(prev, eager)
 
 
 def _observe_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                              top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Experts forward that records statistics (eager math: same per-expert ops and order)."""
+    """Experts forward that records statistics and returns exactly what the previous implementation would.
+
+    Under "eager" the per-expert loop is the eager math, so x -> h is computed once and reused for the
+    output; under any other implementation (grouped_mm, ...) that implementation computes the output
+    (bit-identical to the unobserved model, bf16 included) and h is recomputed for the statistics.
+    """
     entry = _ACTIVE.get(id(self))
-    if entry is None:   # a layer outside the observed set: plain eager forward
-        return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
-    obs, l = entry
-    out = torch.zeros_like(hidden_states)
-    ad = obs.adapter
-    observe_tokens(obs._layer_stats(l), hidden_states, top_k_index, top_k_weights,
-                   lambda e, x: ad.expert_hidden(l, e, x), lambda e, h: ad.expert_output(l, e, h), out)
-    return out
+    if entry is None:
+        raise RuntimeError("experts implementation 'stun_observe' used outside an ExpertObserver")
+    obs, l, observed = entry
+    prev = _previous_forward(self, obs)
+    if not observed:
+        return prev(self, hidden_states, top_k_index, top_k_weights)
+    ad, st = obs.adapter, obs._layer_stats(l)
+    hidden_fn = lambda e, x: ad.expert_hidden(l, e, x)
+    if obs._prev_impl in (None, "eager"):
+        out = torch.zeros_like(hidden_states)
+        observe_tokens(st, hidden_states, top_k_index, top_k_weights, hidden_fn,
+                       lambda e, h: ad.expert_output(l, e, h), out)
+        return out
+    with torch.no_grad():
+        observe_tokens(st, hidden_states, top_k_index, top_k_weights, hidden_fn)
+    return prev(self, hidden_states, top_k_index, top_k_weights)
 
 
 def _register() -> None:
@@ -100,15 +121,23 @@ class ExpertObserver:
 
     # ---- context -----------------------------------------------------------------------------
     def __enter__(self) -> "ExpertObserver":
+        try:
+            return self._enter()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _enter(self) -> "ExpertObserver":
         ad = self.adapter
         fused = ad.spec.layout != "modulelist"
+        for l in (ad.moe_layers if fused else []):
+            ex = ad.experts(l)
+            if id(ex) in _ACTIVE:
+                raise RuntimeError(f"layer {l} is already being observed (nested observers)")
+            _ACTIVE[id(ex)] = (self, l, l in self.layers)
+            self._keys.append(id(ex))
         for l in self.layers:
             if fused:
-                ex = ad.experts(l)
-                if id(ex) in _ACTIVE:
-                    raise RuntimeError(f"layer {l} is already being observed (nested observers)")
-                _ACTIVE[id(ex)] = (self, l)
-                self._keys.append(id(ex))
                 self._handles.append(ad.router(l).register_forward_hook(self._router_hook(l)))
             else:
                 self._handles.append(ad.moe_block(l).register_forward_pre_hook(
