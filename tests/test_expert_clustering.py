@@ -181,3 +181,9 @@ def test_reconstruct_rules():
     assert C.reconstruct_flags(cl, "cluster_size", kappa=4) == [True, False, True]
     with pytest.raises(ValueError, match="layer_clusters"):
         C.reconstruct_flags(cl, "size")
+
+
+def test_all_zero_coactivation_is_a_clear_error():
+    from stun_exp.errors import DataError
+    with pytest.raises(DataError, match="all zeros"):
+        C.coactivation_distance(torch.zeros(3, 3))

@@ -32,6 +32,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from stun_exp.errors import DataError
+
 TIE_RTOL = 1e-6
 
 
@@ -64,7 +66,7 @@ def mixed_distance(router: torch.Tensor, coact: torch.Tensor, mix_weight: float)
 def _abs_mean(coact: torch.Tensor) -> torch.Tensor:
     m = coact.detach().float().mean().abs()
     if m == 0:
-        raise ValueError("co-activation matrix is all zeros (no routed tokens): cannot divide by its mean")
+        raise DataError("co-activation matrix is all zeros (no routed tokens): cannot divide by its mean")
     return m
 
 
