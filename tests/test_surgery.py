@@ -255,3 +255,20 @@ def test_arctic_remote_code_pruned_roundtrip(tmp_path) -> None:
     m2, _ = load_pretrained(str(tmp_path / "pruned"), trust_remote_code=True)
     assert [get_adapter(m2).num_experts(l) for l in (0, 1)] == [3, 2]
     assert torch.equal(_logits(m2, x), y)
+
+
+def test_deepseek_v3_nonuniform_groups_reload(tmp_path) -> None:
+    """Group routing survives per-layer counts: 2+2 and 3+3 experts per routing group."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from tests.tiny_models import COMMON
+    cfg = DeepseekV3Config(**{**COMMON, "num_hidden_layers": 3}, intermediate_size=24, moe_intermediate_size=16,
+                           n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                           n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                           kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                           v_head_dim=8, head_dim=4)
+    m, x = DeepseekV3ForCausalLM(cfg).eval(), tiny_input()
+    ad = get_adapter(m)
+    remove_experts(ad, 1, [0, 1, 4, 5])
+    remove_experts(ad, 2, [0, 1, 2, 4, 5, 6])
+    assert m.config.num_experts_per_layer == [None, 4, 6]
+    assert torch.equal(_logits(_roundtrip(m, tmp_path), x), _logits(m, x))
