@@ -1,0 +1,69 @@
+"""The sparsity ledger's census (``analysis.sparsity.census``) accumulated one layer at a time.
+
+``census`` needs every weight at once; here each decoder layer adds its counts while it is
+materialised and ``finish`` adds the non-layer parameters. The arithmetic is ``census``'s own, so
+``sparsity_report`` takes the result unchanged (tested equal to ``census`` on a tiny model).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+
+def _nz(t: torch.Tensor) -> int:
+    return int(torch.count_nonzero(t).item())
+
+
+class LayerCensus:
+    def __init__(self, is_targeted: Optional[Callable[[Any], bool]] = None) -> None:
+        self.is_targeted = is_targeted
+        self.c = {"dec_numel": 0, "dec_nz": 0, "routed_numel": 0, "routed_nz": 0, "layer_numel": 0,
+                  "layer_nz": 0, "tgt_numel": 0, "tgt_zeros": 0}
+        self.per_layer: dict[int, dict[str, int]] = {}
+        self.experts: dict[int, int] = {}
+
+    def add_layer(self, adapter: Any, l: int) -> None:
+        c = self.c
+        for t in adapter.linear_targets(l):
+            n, z = t.weight.numel(), _nz(t.weight)
+            c["dec_numel"] += n
+            c["dec_nz"] += z
+            if t.kind == "expert":
+                c["routed_numel"] += n
+                c["routed_nz"] += z
+                pl = self.per_layer.setdefault(l, {"expert_numel": 0, "expert_nz": 0})
+                pl["expert_numel"] += n
+                pl["expert_nz"] += z
+            if self.is_targeted is not None and self.is_targeted(t):
+                c["tgt_numel"] += n
+                c["tgt_zeros"] += n - z
+        for p in adapter.layers[l].parameters():
+            c["layer_numel"] += p.numel()
+            c["layer_nz"] += _nz(p.data)
+        if l in adapter.moe_layers:
+            self.experts[l] = adapter.num_experts(l)
+
+    def finish(self, model: nn.Module, adapter: Any) -> dict[str, Any]:
+        """The census dict, adding every parameter outside the decoder layers (counted once if tied)."""
+        c, k = self.c, adapter.top_k
+        in_layers = {id(p) for p in adapter.layers.parameters()}
+        rest = [p for p in model.parameters() if id(p) not in in_layers]
+        all_numel = c["layer_numel"] + sum(p.numel() for p in rest)
+        all_nz = c["layer_nz"] + sum(_nz(p.data) for p in rest)
+        act = sum(k * v["expert_numel"] / max(self.experts[l], 1) for l, v in self.per_layer.items())
+        act_nz = sum(k * v["expert_nz"] / max(self.experts[l], 1) for l, v in self.per_layer.items())
+        return {
+            "decoder_linear_numel": c["dec_numel"], "decoder_linear_nonzero": c["dec_nz"],
+            "all_params_numel": all_numel, "all_params_nonzero": all_nz,
+            "routed_numel": c["routed_numel"], "routed_nonzero": c["routed_nz"],
+            "active_numel": all_numel - c["routed_numel"] + act,
+            "active_nonzero": all_nz - c["routed_nz"] + act_nz,
+            "experts": {str(l): n for l, n in sorted(self.experts.items())},
+        }
+
+    @property
+    def targeted(self) -> tuple[int, int]:
+        """(numel, zeros) over the targeted weights, as ``sparsity.targeted_counts``."""
+        return self.c["tgt_numel"], self.c["tgt_zeros"]

@@ -1,0 +1,210 @@
+"""Sharded safetensors checkpoints read one decoder layer at a time, and written the same way.
+
+Reading: ``CheckpointReader`` opens every shard with ``safe_open`` (memory-mapped: a tensor costs
+memory only once it is read) and groups keys by decoder layer (``<layers_path>.<l>.``). Keys outside
+the decoder layers (embeddings, final norm, head) are "globals".
+
+Key formats: the module state-dict names of the model class are the *native* format (what
+``save_pretrained(..., save_original_format=False)`` writes in transformers 5: fused
+``mlp.experts.gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``). transformers 5 writes Mixtral in
+the *legacy per-expert* format by default (``block_sparse_moe.experts.<e>.w1/w2/w3.weight``), and
+older Qwen-style checkpoints use ``mlp.experts.<e>.gate_proj/up_proj/down_proj.weight``. ``LEGACY``
+below (data, one entry per arch) converts those to native names exactly as transformers'
+``conversion_mapping`` does (stack per expert, gate rows before up rows). A layer whose converted
+keys still do not match the model raises ``CheckpointFormatError`` naming the keys.
+
+Writing: ``ShardedWriter`` writes one shard per call (a decoder layer, or the globals) and an index
+file ``model.safetensors.index.json`` whose weight map covers every key, as transformers expects.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint whose keys the streaming reader cannot map onto the model."""
+
+
+@dataclass(frozen=True)
+class LegacyExperts:
+    """Per-expert (ModuleList-style) keys of a fused-layout architecture."""
+    names: tuple[str, str, str]              # gate, up, down file names under experts.<e>.
+    block_rename: Optional[tuple[str, str]] = None   # (checkpoint block attr, model block attr)
+
+
+_QWEN_STYLE = LegacyExperts(("gate_proj", "up_proj", "down_proj"))
+LEGACY: dict[str, LegacyExperts] = {
+    "mixtral": LegacyExperts(("w1", "w3", "w2"), ("block_sparse_moe", "mlp")),
+    "qwen2_moe": _QWEN_STYLE, "qwen3_moe": _QWEN_STYLE, "olmoe": _QWEN_STYLE,
+    "deepseek_v2": _QWEN_STYLE, "deepseek_v3": _QWEN_STYLE,
+}
+
+
+class CheckpointReader:
+    """Memory-mapped access to a (sharded) safetensors checkpoint, grouped by decoder layer."""
+
+    def __init__(self, path: str | Path, layers_path: str = "model.layers") -> None:
+        self.path = Path(path)
+        self.weight_map = _weight_map(self.path)
+        self._handles: dict[str, Any] = {}
+        pat = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.(.+)$")
+        self.layer_keys: dict[int, dict[str, str]] = {}   # layer -> relative name -> full key
+        self.global_keys: list[str] = []
+        for key in self.weight_map:
+            m = pat.match(key)
+            if m:
+                self.layer_keys.setdefault(int(m.group(1)), {})[m.group(2)] = key
+            else:
+                self.global_keys.append(key)
+        self.layers_path = layers_path
+
+    def _file(self, key: str) -> Any:
+        name = self.weight_map[key]
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.path / name), framework="pt", device="cpu")
+        return self._handles[name]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._file(key).get_tensor(key)
+
+    def get_slice(self, key: str, index: int) -> torch.Tensor:
+        """``tensor[index]`` read without reading the rest of the tensor."""
+        return self._file(key).get_slice(key)[index]
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first floating tensor (the checkpoint's storage dtype)."""
+        for key in self.weight_map:
+            t = self._file(key).get_slice(key)
+            dt = _DTYPES.get(t.get_dtype())
+            if dt is not None and dt.is_floating_point:
+                return dt
+        return torch.float32
+
+    def layer_raw(self, l: int) -> dict[str, torch.Tensor]:
+        return {rel: self.get(full) for rel, full in self.layer_keys.get(l, {}).items()}
+
+    def globals(self) -> dict[str, torch.Tensor]:
+        return {k: self.get(k) for k in self.global_keys}
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool, "U8": torch.uint8}
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    index = path / INDEX_NAME
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = path / SINGLE_NAME
+    if single.is_file():
+        with safe_open(str(single), framework="pt", device="cpu") as f:
+            return {k: SINGLE_NAME for k in f.keys()}
+    raise CheckpointFormatError(f"{path}: no {INDEX_NAME} or {SINGLE_NAME} (streaming needs safetensors)")
+
+
+# ---- key formats ---------------------------------------------------------------------------------
+def detect_format(rel_keys: Iterable[str], arch: str, experts_attr: str = "experts") -> str:
+    """'legacy' if the layer stores routed experts per expert under a fused-layout model, else 'native'."""
+    rule = LEGACY.get(arch)
+    if rule is None:
+        return "native"
+    gate = rule.names[0]
+    pat = re.compile(rf"(^|\.){experts_attr}\.\d+\.{gate}\.weight$")
+    return "legacy" if any(pat.search(k) for k in rel_keys) else "native"
+
+
+def to_native(raw: dict[str, torch.Tensor], arch: str, experts_attr: str = "experts") -> dict[str, torch.Tensor]:
+    """Convert one layer's relative keys to the model's native names (no-op for native layers)."""
+    if detect_format(raw, arch, experts_attr) == "native":
+        return dict(raw)
+    rule = LEGACY[arch]
+    out: dict[str, torch.Tensor] = {}
+    per: dict[str, dict[int, dict[str, torch.Tensor]]] = {}   # block prefix -> expert -> mat
+    pat = re.compile(rf"^(.*){experts_attr}\.(\d+)\.(\w+)\.weight$")
+    for key, t in raw.items():
+        key = _rename(key, rule)
+        m = pat.match(key)
+        if m and m.group(3) in rule.names:
+            per.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
+        else:
+            out[key] = t
+    g, u, d = rule.names
+    for prefix, experts in per.items():
+        ids = sorted(experts)
+        if ids != list(range(len(ids))):
+            raise CheckpointFormatError(f"legacy experts under {prefix!r}: ids {ids} are not 0..n-1")
+        out[f"{prefix}{experts_attr}.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e][g], experts[e][u]], dim=0) for e in ids])
+        out[f"{prefix}{experts_attr}.down_proj"] = torch.stack([experts[e][d] for e in ids])
+    return out
+
+
+def native_key(rel: str, arch: str, fmt: str) -> str:
+    """The checkpoint's name for a native non-expert key (e.g. the router) under format `fmt`."""
+    rule = LEGACY.get(arch)
+    if fmt == "native" or rule is None or rule.block_rename is None:
+        return rel
+    src, dst = rule.block_rename
+    return re.sub(rf"(^|\.){dst}\.", rf"\g<1>{src}.", rel, count=1)
+
+
+def _rename(key: str, rule: LegacyExperts) -> str:
+    if rule.block_rename is None:
+        return key
+    src, dst = rule.block_rename
+    return re.sub(rf"(^|\.){src}\.", rf"\g<1>{dst}.", key, count=1)
+
+
+def check_keys(l: int, got: Iterable[str], want: Iterable[str], arch: str, fmt: str) -> None:
+    got_s, want_s = set(got), set(want)
+    if got_s == want_s:
+        return
+    missing, extra = sorted(want_s - got_s)[:6], sorted(got_s - want_s)[:6]
+    known = "native (transformers 5 fused)" + (f" and legacy per-expert {LEGACY[arch].names}"
+                                               if arch in LEGACY else "")
+    raise CheckpointFormatError(
+        f"decoder layer {l}: checkpoint keys (format {fmt!r}) do not match the {arch} model: missing "
+        f"{missing}, unexpected {extra}. Streaming reads these key formats for {arch}: {known}")
+
+
+# ---- writing -------------------------------------------------------------------------------------
+class ShardedWriter:
+    """One safetensors shard per ``write`` call, then ``close`` writes the index file."""
+
+    def __init__(self, path: str | Path, n_shards: int) -> None:
+        self.path, self.n = Path(path), n_shards
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self.i = 0
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> str:
+        if self.i >= self.n:
+            raise RuntimeError(f"more than the {self.n} announced shards")
+        self.i += 1
+        name = f"model-{self.i:05d}-of-{self.n:05d}.safetensors"
+        clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        save_file(clean, str(self.path / name), metadata={"format": "pt"})
+        for k, v in clean.items():
+            self.weight_map[k] = name
+            self.total_size += v.numel() * v.element_size()
+        return name
+
+    def close(self) -> Path:
+        if self.i != self.n:
+            raise RuntimeError(f"wrote {self.i} of {self.n} announced shards")
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        out = self.path / INDEX_NAME
+        out.write_text(json.dumps(index, indent=2) + "\n")
+        return out

@@ -1,0 +1,160 @@
+"""``StreamingEngine``: the sequential engine with layers read from disk one at a time.
+
+It is ``pruning.weights.engine.SequentialEngine`` with two hooks around each layer step:
+``store.materialise(l)`` instead of ``layer.to(device)`` and, after the step, an optional
+``on_layer_done(l, layer)`` (the streaming runner writes the pruned layer there) followed by
+``store.release(l)`` instead of ``layer.to(home)``. Observe / process / propagate are the parent's
+own methods, so masks equal the in-memory engine's bit for bit.
+
+Two extras:
+* ``layer_stats``: when a dict is given, an ``ExpertObserver`` wraps each MoE layer's observe step
+  and its ``LayerStats`` (routing counts, co-activation, gate sums; fp32) are stored there on CPU.
+  This is the streaming calibration pass the expert pruners need (select nothing, process nothing).
+* ``offload_dir``: calibration activations between layers live in files (``torch.from_file``,
+  memory-mapped) instead of device memory. The parent allocates each layer's outputs with
+  ``torch.empty_like(inps)``, so this mode re-states ``_observe``/``_propagate`` with a file-backed
+  allocator and per-sample device moves (see the note for the engine owner in the report: a
+  two-line ``_alloc``/``_sample`` hook in the parent would make these overrides unnecessary).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..pruning.weights import engine as E
+from ..pruning.weights.stats import InputHook, TargetStats
+from .store import LayerStore
+
+LayerDone = Callable[[int, nn.Module], None]
+
+
+class StreamingEngine(E.SequentialEngine):
+    def __init__(self, store: LayerStore, calib: Optional[Tensor], device: torch.device,
+                 select: Callable[[Any], bool], counters: Any = None, gram: bool = False, desc: str = "prune",
+                 on_layer_done: Optional[LayerDone] = None, layer_stats: Optional[dict] = None,
+                 keep_logits: bool = False, offload_dir: Optional[str | Path] = None) -> None:
+        super().__init__(store.model, store.adapter, calib, device, select, counters, gram, desc)
+        self.store, self.on_layer_done = store, on_layer_done
+        self.layer_stats, self.keep_logits = layer_stats, keep_logits
+        self.offload = ActivationFiles(offload_dir) if offload_dir else None
+
+    def run(self, process: E.Process, observe: bool = True) -> None:
+        layers = self.adapter.layers
+        cap = E.capture_inputs(self.model, layers, self.calib, self.device) if observe else None
+        inps, self.final_hidden = None, None
+        if cap is not None:
+            inps = self.offload.put(cap.hidden) if self.offload else cap.hidden
+            cap.hidden = torch.empty(0)
+        try:
+            for l in tqdm(range(len(layers)), desc=self.desc, leave=False):
+                layer = self.store.materialise(l, self.device)
+                targets = [t for t in self.adapter.linear_targets(l) if self.select(t)]
+                for t in targets:
+                    E.check_finite(t.weight, f"layer {l} module {t.name} (weights)")
+                if cap is None:
+                    process(l, targets, None)
+                else:
+                    args = E.to_device(cap.layer_args[l], self.device)
+                    with self._layer_observer(l):
+                        stats, outs = self._observe(l, layer, targets, inps, args, cap.hidden_as_kwarg)
+                    if process(l, targets, stats):
+                        outs = self._propagate(l, layer, inps, args, cap.hidden_as_kwarg)
+                    if self.offload:
+                        self.offload.drop(inps)
+                    inps = outs
+                if self.on_layer_done is not None:
+                    self.on_layer_done(l, layer)
+                del layer
+                self.store.release(l)
+            self.final_hidden, inps = inps, None      # the last layer's outputs (perplexity uses them)
+        finally:
+            if self.offload and inps is not None:
+                self.offload.drop(inps)
+
+    def _layer_observer(self, l: int) -> Any:
+        if self.layer_stats is None or l not in self.adapter.moe_layers:
+            return nullcontext()
+        from ..observe.observer import ExpertObserver
+        stats = self.layer_stats
+
+        class _Keep(ExpertObserver):
+            def __exit__(self, *exc: Any) -> None:
+                super().__exit__(*exc)
+                if l in self.stats:
+                    stats[l] = self.stats[l].to("cpu")
+        return _Keep(self.adapter, layers=[l], keep_logits=self.keep_logits)
+
+    # ---- file-backed activations (offload mode only) ------------------------------------------
+    def _observe(self, l: int, layer: nn.Module, targets: list, inps: Tensor, args: tuple,
+                 as_kw: bool) -> tuple[dict[str, TargetStats], Tensor]:
+        if self.offload is None:
+            return super()._observe(l, layer, targets, inps, args, as_kw)
+        hooks = {t.name: InputHook(t.module, t.weight.shape[1], self.gram) for t in targets if t.kind != "expert"}
+        want_experts = any(t.kind == "expert" for t in targets)
+        try:
+            with E._expert_observer(self.adapter, l, self.gram, want_experts) as obs:
+                outs, calls = self.offload.like(inps), None
+                with torch.no_grad():
+                    for j in range(inps.shape[0]):
+                        before = E._counts(obs, l)
+                        outs[j] = self._forward(layer, inps[j:j + 1].to(self.device), args, as_kw)[0].cpu()
+                        calls = E._add_calls(calls, before, E._counts(obs, l))
+                expert_stats = obs.stats.get(l) if obs is not None else None
+        finally:
+            for h in hooks.values():
+                h.remove()
+        E.check_finite(outs, f"layer {l} (output activations)")
+        stats = {name: h.result(self.device) for name, h in hooks.items()}
+        if want_experts:
+            stats.update(E._expert_target_stats(l, targets, expert_stats, calls))
+        for name, st in stats.items():
+            E.check_finite(st.sq, f"layer {l} module {name} (input activations)")
+        return stats, outs
+
+    def _propagate(self, l: int, layer: nn.Module, inps: Tensor, args: tuple, as_kw: bool) -> Tensor:
+        if self.offload is None:
+            return super()._propagate(l, layer, inps, args, as_kw)
+        outs = self.offload.like(inps)
+        with torch.no_grad():
+            for j in range(inps.shape[0]):
+                outs[j] = self._forward(layer, inps[j:j + 1].to(self.device), args, as_kw)[0].cpu()
+        E.check_finite(outs, f"layer {l} (output activations)")
+        return outs
+
+
+class ActivationFiles:
+    """CPU tensors backed by files in `root` (memory-mapped; the OS pages them in and out)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.paths: dict[int, Path] = {}
+
+    def like(self, t: Tensor) -> Tensor:
+        path = self.root / f"acts-{uuid.uuid4().hex}.bin"
+        out = torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+        self.paths[id(out)] = path
+        return out
+
+    def put(self, t: Tensor) -> Tensor:
+        out = self.like(t)
+        out.copy_(t.cpu())
+        return out
+
+    def cleanup(self) -> None:
+        for path in self.paths.values():
+            if path.exists():
+                os.unlink(path)
+        self.paths.clear()
+
+    def drop(self, t: Tensor) -> None:
+        path = self.paths.pop(id(t), None)
+        if path is not None and path.exists():
+            os.unlink(path)
