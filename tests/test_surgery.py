@@ -238,6 +238,8 @@ def test_uncached_hub_id_fails_fast(monkeypatch) -> None:
         load_pretrained("no-such-org/no-such-moe-model")
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
         config_for("no-such-org/no-such-moe-model")
+    with pytest.raises(ConfigError, match="no such directory"):
+        config_for("/no/such/dir")
     assert time.time() - t < 2.0
 
 

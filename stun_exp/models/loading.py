@@ -64,6 +64,9 @@ def resolve_source(path_or_id: str) -> tuple[str, bool]:
         return str(Path(src).expanduser()), True
     if Path(src).expanduser().exists():
         raise ConfigError("model.name_or_path", src, "a model directory or a Hub id", hint="it is a file")
+    if src.startswith(("/", ".", "~")) or src.count("/") > 1 or os.sep != "/" and os.sep in src:
+        raise ConfigError("model.name_or_path", src, "an existing model directory or a Hub id 'org/name'",
+                          hint="no such directory")
     if _is_cached(src):
         return src, True
     if hub_offline() or not _hub_reachable():
