@@ -23,19 +23,28 @@ def x_positions(df: pd.DataFrame, x: str) -> dict[Any, float]:
         return {v: float(i) for i, v in enumerate(dict.fromkeys(vals))}
 
 
-def _series(df: pd.DataFrame, x: str, y: str, series: str | None) -> dict[str, tuple[list, list]]:
+def _series(df: pd.DataFrame, x: str, y: str, series: str | None,
+            baseline: str | None = None) -> dict[str, tuple[list, list]]:
+    """{series name: (xs, ys)} in table order; the `baseline` row (e.g. unpruned at sparsity 0)
+    starts every other series instead of standing alone."""
     out: dict[str, tuple[list, list]] = {}
     if y not in df.columns:
         return out
     pos = x_positions(df, x)
+    base: list[tuple[float, float]] = []
     for _, r in df.iterrows():
         if r[y] is None or pd.isna(r[y]) or r[x] not in pos:
             continue
         name = str(r[series]) if series else y
+        if baseline is not None and name == baseline:
+            base.append((pos[r[x]], float(r[y])))
+            continue
         xs, ys = out.setdefault(name, ([], []))
         xs.append(pos[r[x]])
         ys.append(float(r[y]))
-    return {k: tuple(zip(*sorted(zip(*v)))) for k, v in out.items()}  # type: ignore[misc]
+    if base and not out:
+        out[baseline] = ([], [])  # only the baseline was measured: still draw it
+    return {k: tuple(zip(*sorted(set(zip(*v)) | set(base)))) for k, v in out.items()}  # type: ignore[misc]
 
 
 def _isnum(v: Any) -> bool:
@@ -53,10 +62,11 @@ def plot(exp: Experiment, df: pd.DataFrame, spec: dict[str, Any], mode: str, pat
 
     x, y, series = spec["x"], spec["y"], spec.get("series")
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    ours = _series(df, x, y, series)
-    paper = _series(df, x, f"{y} (paper)", series)
+    base = spec.get("baseline")
+    ours = _series(df, x, y, series, base)
+    paper = _series(df, x, f"{y} (paper)", series, base)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, name in enumerate(sorted(set(ours) | set(paper))):
+    for i, name in enumerate(dict.fromkeys([*ours, *paper])):
         col = colors[i % len(colors)]
         if name in ours:
             ax.plot(*ours[name], marker="o", color=col, label=f"{name} (ours)")

@@ -13,7 +13,8 @@ Shape (every key is checked on load, errors name the file and the key)::
       - {name: GSM8K, real: metrics.gsm8k/exact_match_strict-match, toy: metrics.toy_arith/exact_match,
          scale: 100}                      # or {name: avg, mean_of: [...]} / sum_of / diff_of: [a, b]
     gap: {key: method, minuend: STUN+OWL, subtrahend: OWL}      # optional extra rows "A - B"
-    plots: [{file: acc_vs_sparsity, x: sparsity, y: GSM8K, series: method, title: ...}]
+    plots: [{file: acc_vs_sparsity, x: sparsity, y: GSM8K, series: method, baseline: unpruned}]
+                                          # baseline: that method's points start every other curve
     paper: {source: ..., verified: false, rows: [{sparsity: 0.4, method: OWL, GSM8K: 63.76}, ...]}
     modes:
       real: {select: {config.model.name_or_path: ...}, sweeps: [[model=arctic, ...], ...]}
