@@ -154,3 +154,20 @@ def test_capture_keeps_rotary_kwargs():
     kw = cap.layer_args[0][1]
     assert "position_embeddings" in kw and kw["position_embeddings"][0].shape[-2] == 8
     assert not hasattr(adapter.layers[0], "forward") or "forward" not in adapter.layers[0].__dict__
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_matches_cpu_and_offloads_layers():
+    """Model on CPU, one layer at a time on the GPU: same Wanda masks as an all-CPU run."""
+    from stun_exp.context import RunContext
+    from stun_exp.pruning.weights.pruners import WandaPruner
+    masks = []
+    for dev in ("cpu", "cuda"):
+        model = tiny_model("mixtral")
+        ctx = RunContext(cfg=None, model=model, tokenizer=None, adapter=get_adapter(model),
+                         calib=tiny_input(4, 16), device=torch.device(dev))
+        WandaPruner(name="wanda").prune(ctx, sparsity=0.5)
+        assert all(p.device.type == "cpu" for p in model.parameters())
+        masks.append([p.detach() == 0 for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*masks))
