@@ -39,10 +39,11 @@ class StreamingEngine(E.SequentialEngine):
     def __init__(self, store: LayerStore, calib: Optional[Tensor], device: torch.device,
                  select: Callable[[Any], bool], counters: Any = None, gram: bool = False, desc: str = "prune",
                  on_layer_done: Optional[LayerDone] = None, layer_stats: Optional[dict] = None,
-                 keep_logits: bool = False, offload_dir: Optional[str | Path] = None) -> None:
+                 keep_logits: bool = False, offload_dir: Optional[str | Path] = None,
+                 keep_final: bool = False) -> None:
         super().__init__(store.model, store.adapter, calib, device, select, counters, gram, desc)
         self.store, self.on_layer_done = store, on_layer_done
-        self.layer_stats, self.keep_logits = layer_stats, keep_logits
+        self.layer_stats, self.keep_logits, self.keep_final = layer_stats, keep_logits, keep_final
         self.offload = ActivationFiles(offload_dir) if offload_dir else None
 
     def run(self, process: E.Process, observe: bool = True) -> None:
@@ -65,6 +66,8 @@ class StreamingEngine(E.SequentialEngine):
                     with self._layer_observer(l):
                         stats, outs = self._observe(l, layer, targets, inps, args, cap.hidden_as_kwarg)
                     if process(l, targets, stats):
+                        if self.offload:
+                            self.offload.drop(outs)
                         outs = self._propagate(l, layer, inps, args, cap.hidden_as_kwarg)
                     if self.offload:
                         self.offload.drop(inps)
@@ -73,7 +76,8 @@ class StreamingEngine(E.SequentialEngine):
                     self.on_layer_done(l, layer)
                 del layer
                 self.store.release(l)
-            self.final_hidden, inps = inps, None      # the last layer's outputs (perplexity uses them)
+            if self.keep_final:                       # the last layer's outputs (perplexity uses them)
+                self.final_hidden, inps = inps, None
         finally:
             if self.offload and inps is not None:
                 self.offload.drop(inps)
