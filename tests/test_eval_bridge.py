@@ -136,3 +136,11 @@ def test_evaluate_toy_suite_with_ppl(tiny) -> None:
                               output_router_logits=False).loss) for i in range(n)]
     assert out["heldout/ppl"] == pytest.approx(math.exp(sum(losses) / n), rel=1e-5)
     assert out["heldout/ppl_tokens"] == n * 15
+
+
+def test_unknown_local_task_named_before_running(tiny) -> None:
+    from stun_exp.errors import ConfigError
+    from stun_exp.evaluation.lm_eval_bridge import run_lm_eval
+    model, tok, d = tiny
+    with pytest.raises(ConfigError, match="did you mean 'toy_arith'"):
+        run_lm_eval(model, tok, ["toy_arth"], include_path=str(d), include_defaults=False)

@@ -128,3 +128,14 @@ def test_c4_loader_fails_fast_offline(monkeypatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match="allenai/c4.*not available offline"):
         c4_tokens(tokenizer=None, seqlen=16)
+
+
+def test_toy_eval_needs_toy_or_task_dir(tmp_path) -> None:
+    from omegaconf import OmegaConf
+    with pytest.raises(ConfigError, match="eval=toy only with model=toy"):
+        check_available(ToyEval(), model_cfg=OmegaConf.create({"kind": "hf"}))
+    check_available(ToyEval(), model_cfg=OmegaConf.create({"kind": "toy"}))
+    with pytest.raises(ConfigError, match="heldout.txt"):
+        check_available(ToyEval(task_dir=str(tmp_path)))
+    (tmp_path / "heldout.txt").write_text("x")
+    check_available(ToyEval(task_dir=str(tmp_path)), model_cfg=OmegaConf.create({"kind": "hf"}))

@@ -10,7 +10,7 @@ def evaluate(ctx_or_model: Any, tokenizer: Any, eval_cfg: Any, model_dir: str | 
     return _evaluate(ctx_or_model, tokenizer, eval_cfg, model_dir)
 
 
-def check_available(eval_cfg: Any) -> None:
+def check_available(eval_cfg: Any, model_cfg: Any = None) -> None:
     """See stun_exp.evaluation.availability.check_available."""
     from stun_exp.evaluation.availability import check_available as _check
-    _check(eval_cfg)
+    _check(eval_cfg, model_cfg=model_cfg)

@@ -15,8 +15,8 @@ import socket
 from pathlib import Path
 from typing import Any, Iterable
 
-from stun_exp.errors import DataError
-from stun_exp.evaluation.configs import PAPER_TASKS, PPL_DATASETS, build_eval_config
+from stun_exp.errors import ConfigError, DataError
+from stun_exp.evaluation.configs import PAPER_TASKS, PPL_DATASETS, ToyEval, build_eval_config
 
 HUB_HOST = ("huggingface.co", 443)
 
@@ -62,9 +62,27 @@ def missing_datasets(needs: dict[str, tuple[str, ...]], roots: tuple[Path, Path]
     return {what: ids[0] for what, ids in needs.items() if not any(is_cached(i, roots) for i in ids)}
 
 
-def check_available(eval_cfg: Any, roots: tuple[Path, Path] | None = None) -> None:
-    """Raise DataError naming every dataset the eval config needs that cannot be loaded now."""
-    missing = missing_datasets(required_datasets(eval_cfg), roots)
+def check_toy_tasks(cfg: ToyEval, model_cfg: Any = None) -> None:
+    """eval=toy needs the toy's task folder: an explicit eval.task_dir, or model=toy."""
+    if cfg.task_dir:
+        d = Path(cfg.task_dir)
+        need = [d / "heldout.txt"] if cfg.ppl else []
+        if not d.is_dir() or any(not p.is_file() for p in need):
+            raise ConfigError("eval.task_dir", cfg.task_dir, "a folder of lm-eval task YAMLs"
+                              + (" holding heldout.txt (or eval.ppl=false)" if cfg.ppl else ""))
+    elif model_cfg is not None and model_cfg.get("kind", None) != "toy":
+        raise ConfigError("eval", "toy", "eval=toy only with model=toy (or set eval.task_dir); "
+                          "use eval=paper, eval=ppl or eval=none for other models")
+
+
+def check_available(eval_cfg: Any, roots: tuple[Path, Path] | None = None, model_cfg: Any = None) -> None:
+    """Raise (before any pruning) when the evaluation could not run: DataError naming every hub
+    dataset that is neither cached nor downloadable now; ConfigError for a toy suite without task
+    files. ``model_cfg`` (the run's ``cfg.model``, optional) lets eval=toy refuse a non-toy model."""
+    cfg = build_eval_config(eval_cfg)
+    if isinstance(cfg, ToyEval):
+        check_toy_tasks(cfg, model_cfg)
+    missing = missing_datasets(required_datasets(cfg), roots)
     if not missing:
         return
     if not offline() and hub_reachable():

@@ -13,6 +13,7 @@ that reads that count at forward time is the auxiliary load-balancing loss).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 from collections import defaultdict
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -108,6 +109,12 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str], *,
     for t in tasks:
         groups[int(num_fewshot.get(t, 0))].append(t)
     tm = task_manager(include_path, include_defaults)
+    for t in tasks:
+        if t not in tm.all_tasks:
+            where = f"the task files in {include_path}" if include_path else "lm-eval's task registry"
+            close = difflib.get_close_matches(t, list(tm.all_tasks), n=1)
+            hint = f"not found in {where}" + (f"; did you mean '{close[0]}'?" if close else "")
+            raise ConfigError("eval.tasks", t, list(tm.all_tasks)[:50], hint=hint)
     out: dict[str, Any] = {}
     n_shot: dict[str, int] = {}
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
