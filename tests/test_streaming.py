@@ -158,3 +158,25 @@ def test_streaming_perplexity_matches_in_memory(tmp_path):
     assert got["windows"] == ref["windows"] == 5
     assert got["nll"] == pytest.approx(ref["nll"], rel=1e-6)
     assert got["peak_live_layers"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_streaming_cuda_bf16_equals_in_memory(tmp_path):
+    """bf16 on the GPU (fp32 statistics inside the engine/observer): same masks as in-memory bf16."""
+    src = _save(tmp_path / "src", legacy=True)
+    dev = torch.device("cuda")
+    mk = lambda: (StunPruner(expert_sparsity=0.25), WandaPruner(name="wanda", sparsity=0.5))
+    model, _ = load_pretrained(str(src), dtype=torch.bfloat16, device="cuda")
+    ad = get_adapter(model)
+    ctx = RunContext(None, model, None, ad, CALIB, dev)
+    ep, up = mk()
+    plan = ep.plan(ctx)
+    apply_plan(ad, plan)
+    up.prune(ctx, sparsity=0.5)
+    ep, up = mk()
+    res = prune_streaming(src, tmp_path / "out", ep, up, CALIB, dev, dtype=torch.bfloat16)
+    reloaded, _ = load_pretrained(str(tmp_path / "out"), dtype=torch.bfloat16, device="cuda")
+    a, b = model.state_dict(), reloaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert res["streaming"]["dtype"] == "torch.bfloat16" and res["streaming"]["peak_live_layers"] == 1
