@@ -146,3 +146,44 @@ def test_every_experiment_job_composes() -> None:
             for j in expand_jobs(s)}
     bad = [j for j in sorted(jobs) if job_hash(list(j)) is None]
     assert not bad, bad[:3]
+
+
+@pytest.mark.slow
+def test_reproduce_launches_then_reuses_runs(tmp_path: Path) -> None:
+    """End to end (~1 min): a 2-job sweep through the stun-exp app on a tiny local checkpoint,
+    then a second call that launches nothing (hashes match) and rebuilds identical files."""
+    import torch
+    import yaml
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from tests.test_eval_bridge import CORPUS, _task_dir, _tokenizer
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ck = tmp_path / "ck"
+    MixtralForCausalLM(cfg).save_pretrained(ck)
+    tok.save_pretrained(ck)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _task_dir(tasks)
+    (tmp_path / "calib.txt").write_text("\n\n".join(CORPUS * 3))
+    base = [f"model.name_or_path={ck}", "model=hf", "calib=text", f"calib.path={tmp_path / 'calib.txt'}",
+            "calib.nsamples=4", "calib.seqlen=32", "eval=toy", f"eval.task_dir={tasks}",
+            "eval.tasks=[toy_compare]", "eval.ppl_seqlen=16", "dense_baseline=false", "expert_pruner=none"]
+    exp = dict(EXP, modes={"toy": {"select": {"config.model.kind": "hf"},
+                                   "sweeps": [base + ["unstructured_pruner=none,wanda", "sparsity=0.4"]]}},
+               columns=[{"name": "MC", "toy": "metrics.toy_compare/acc", "scale": 100}], gap=None,
+               plots=[], paper={"source": "none", "rows": []})
+    d = tmp_path / "exps"
+    d.mkdir()
+    (d / "mini.yaml").write_text(yaml.safe_dump(exp))
+    args = ["mini", "--out", str(tmp_path / "t"), "--out-root", str(tmp_path / "out"), "--experiments", str(d)]
+    assert main(args) == 0
+    first = (tmp_path / "t" / "mini_toy.md").read_text()
+    assert "| 0 | unpruned |" in first and "| 0.4 | Wanda |" in first
+    from stun_exp.reproduce.launch import plan_sweeps
+    (_, jobs, done), = plan_sweeps(load_experiment("mini", d), "toy", tmp_path / "out")
+    assert jobs == done == 2
+    assert main(args) == 0 and (tmp_path / "t" / "mini_toy.md").read_text() == first
