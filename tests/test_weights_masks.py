@@ -87,3 +87,20 @@ def test_nm_mask_rejects_bad_width_and_pattern():
     with pytest.raises(ValueError):
         parse_nm("4:2")
     assert parse_nm(None) is None
+
+
+@pytest.mark.parametrize("s", [0.25, 0.3, 0.55])
+def test_balanced_row_mask_hits_matrix_total_and_matches_loop(s):
+    sc = _rand(7, 16, seed=8).abs()
+    got = row_mask(sc, s, rounding="balanced")
+    k = int(16 * s)
+    extra = round(7 * 16 * s) - 7 * k
+    ordered = [sorted(range(16), key=lambda j, i=i: (float(sc[i, j]), j)) for i in range(7)]
+    nxt = sorted(range(7), key=lambda i: (float(sc[i, ordered[i][k]]), i))[:extra]
+    naive = torch.zeros_like(sc, dtype=torch.bool)
+    for i in range(7):
+        for j in ordered[i][:k + (1 if i in nxt else 0)]:
+            naive[i, j] = True
+    assert torch.equal(got, naive)
+    assert int(got.sum()) == round(7 * 16 * s)
+    assert torch.equal(row_mask(sc, s), _naive_row(sc, s))

@@ -16,6 +16,8 @@ Shared fields
 OWL: owl_m (M), owl_lambda (lambda), owl_weighting (uniform = reference; params = the layer
 sparsities are shifted so the parameter-weighted mean hits the target).
 SparseGPT: blocksize, percdamp.
+Extra (not in the contract): row_rounding = floor (reference: floor(C_in*s) per row) | balanced
+(total round(numel*s) per matrix; for narrow toy matrices where floor undershoots the target).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class UnstructuredBase(Validatable):
     prune_shared_experts: bool = True
     prune_dense_mlp: bool = True
     zero_token_experts: str = "leave_dense"
+    row_rounding: str = "floor"
 
     def validate(self, info: Optional[Any] = None, prefix: str = "unstructured_pruner") -> None:
         if self.sparsity is not None:
@@ -54,6 +57,7 @@ class UnstructuredBase(Validatable):
                               "(N:M always prunes half)")
         check_choice(f"{prefix}.scope", self.scope, SCOPES)
         check_choice(f"{prefix}.zero_token_experts", self.zero_token_experts, ZERO_TOKEN_POLICIES)
+        check_choice(f"{prefix}.row_rounding", self.row_rounding, ["floor", "balanced"])
         for key in ("prune_router", "prune_shared_experts", "prune_dense_mlp"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{prefix}.{key}", getattr(self, key), "true or false")

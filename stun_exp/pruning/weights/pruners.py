@@ -64,7 +64,8 @@ class UnstructuredPruner:
                  prune_shared_experts: bool = True, prune_dense_mlp: bool = True,
                  zero_token_experts: str = "leave_dense", owl_m: Optional[float] = None,
                  owl_lambda: Optional[float] = None, owl_weighting: str = "uniform",
-                 blocksize: int = 128, percdamp: float = 0.01, **extra: Any) -> None:
+                 blocksize: int = 128, percdamp: float = 0.01, row_rounding: str = "floor",
+                 **extra: Any) -> None:
         if scope not in SCOPE_KINDS:
             raise ConfigError("unstructured_pruner.scope", scope, list(SCOPE_KINDS))
         self.name, self.sparsity, self.nm = name, sparsity, parse_nm(nm)
@@ -72,7 +73,7 @@ class UnstructuredPruner:
         self.flags = {"router": prune_router, "shared_expert": prune_shared_experts,
                       "dense_mlp": prune_dense_mlp}
         self.owl_m, self.owl_lambda, self.owl_weighting = owl_m, owl_lambda, owl_weighting
-        self.blocksize, self.percdamp = blocksize, percdamp
+        self.blocksize, self.percdamp, self.row_rounding = blocksize, percdamp, row_rounding
         self.kinds = (SCOPE_KINDS[scope] | {k for k, on in self.flags.items() if on}) - {
             k for k, on in self.flags.items() if not on}
         self.spec = get_score(self.score_name)
@@ -135,7 +136,8 @@ class UnstructuredPruner:
                 if self.zero_token_experts == "leave_dense":
                     report["skipped"].append(t.name)
                 else:
-                    apply_mask_(t.weight, select_mask(magnitude_score(t.weight), s, "row", nm))
+                    apply_mask_(t.weight, select_mask(magnitude_score(t.weight), s, "row", nm,
+                                                      self.row_rounding))
             elif s > 0 or nm is not None:
                 self._prune_target(t, st, s, nm)
             layer["numel"] += t.weight.numel()
@@ -162,7 +164,7 @@ class UnstructuredPruner:
         elif self.spec.stat == "gsq":
             stat = st.norm_gsq()
         score = self.spec.fn(w, stat)
-        apply_mask_(w, select_mask(score, s, self.spec.group, nm))
+        apply_mask_(w, select_mask(score, s, self.spec.group, nm, self.row_rounding))
 
     # ---- report -------------------------------------------------------------------------------
     def _new_report(self, s: float) -> dict:
@@ -172,6 +174,7 @@ class UnstructuredPruner:
                 "prune_shared_experts": self.flags["shared_expert"],
                 "prune_dense_mlp": self.flags["dense_mlp"],
                 "zero_token_experts": self.zero_token_experts, "zero_token_experts_by_layer": {},
+                "row_rounding": self.row_rounding,
                 "per_layer": {}, "skipped": [], "tokens_per_expert": {}, "layer_forwards": 0,
                 "layer_seconds": []}
 
