@@ -150,11 +150,19 @@ class SequentialEngine:
             self.counters.layer_forwards += 1
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    def _alloc(self, like: Tensor) -> Tensor:
+        """Buffer for one layer's outputs (a subclass may return a file-backed CPU tensor)."""
+        return torch.empty_like(like)
+
+    def _sample(self, inps: Tensor, j: int) -> Tensor:
+        """Sample j of the layer inputs, on the compute device, batch dimension kept."""
+        return inps[j:j + 1].to(self.device)
+
     def _propagate(self, l: int, layer: nn.Module, inps: Tensor, args: tuple, as_kw: bool) -> Tensor:
-        outs = torch.empty_like(inps)
+        outs = self._alloc(inps)
         with torch.no_grad():
             for j in range(inps.shape[0]):
-                outs[j] = self._forward(layer, inps[j:j + 1], args, as_kw)[0]
+                outs[j] = self._forward(layer, self._sample(inps, j), args, as_kw)[0]
         check_finite(outs, f"layer {l} (output activations)")
         return outs
 
@@ -169,12 +177,12 @@ class SequentialEngine:
         want_experts = any(t.kind == "expert" for t in targets)
         try:
             with _expert_observer(self.adapter, l, self.gram, want_experts) as obs:
-                outs = torch.empty_like(inps)
+                outs = self._alloc(inps)
                 calls = None
                 with torch.no_grad():
                     for j in range(inps.shape[0]):
                         before = _counts(obs, l)
-                        outs[j] = self._forward(layer, inps[j:j + 1], args, as_kw)[0]
+                        outs[j] = self._forward(layer, self._sample(inps, j), args, as_kw)[0]
                         calls = _add_calls(calls, before, _counts(obs, l))
                 expert_stats = obs.stats.get(l) if obs is not None else None
         finally:
