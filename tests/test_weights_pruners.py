@@ -199,3 +199,14 @@ def test_fused_and_modulelist_layouts_give_the_same_masks(cls, kw):
         for key in ea:
             assert torch.equal(ea[key] == 0, eb[key] == 0), (l, key)
             assert float((ea[key] == 0).float().mean()) == 0.5
+
+
+def test_owl_ignores_layers_without_targets():
+    """DeepSeek's dense first layer has no routed experts: under scope=experts it takes no part."""
+    model = tiny_model("deepseek_v2")
+    rep = P.OWLPruner(name="owl", owl_m=3.0, owl_lambda=0.05, **EXPERTS_ONLY).prune(_ctx(model), sparsity=0.5)
+    assert rep["owl"]["layer_numel"][0] == 0 and rep["owl"]["layer_sparsity"][0] == 0.0
+    assert rep["owl"]["layer_sparsity"][1] == pytest.approx(0.5)      # the only live layer: uniform
+    rep = P.OWLPruner(name="owl", owl_m=3.0, owl_lambda=0.05, nm="2:4", **EXPERTS_ONLY).prune(
+        _ctx(tiny_model("deepseek_v2")), sparsity=None)
+    assert rep["owl"]["nm_offsets"] == {"1": 0}

@@ -168,12 +168,11 @@ class SequentialEngine:
 
     def _observe(self, l: int, layer: nn.Module, targets: list, inps: Tensor, args: tuple,
                  as_kw: bool) -> tuple[dict[str, TargetStats], Tensor]:
+        for t in targets:
+            if t.kind != "expert" and t.module is None:
+                raise DataError(f"layer {l} module {t.name}: no module to hook for its inputs")
         hooks = {t.name: InputHook(t.module, t.weight.shape[1], self.gram)
                  for t in targets if t.kind != "expert"}
-        if any(t.kind == "expert" for t in targets):
-            for t in targets:
-                if t.kind != "expert" and t.module is None:
-                    raise DataError(f"layer {l} module {t.name}: no module to hook for its inputs")
         want_experts = any(t.kind == "expert" for t in targets)
         try:
             with _expert_observer(self.adapter, l, self.gram, want_experts) as obs:

@@ -14,7 +14,15 @@ Policies (see configs.py for the field contract):
 * OWL: pass 1 is a dense pass (no pruning) that computes each layer's outlier ratio over the
   Wanda scores of the layer's TARGETED matrices (zero-token experts excluded, as the reference
   skips them); pass 2 prunes with the layer ratios. With ``nm`` the reference's N:M variant is
-  used (layer l prunes N - r_l of M).
+  used (layer l prunes N - r_l of M). Layers with no targets are left out of the allocation.
+
+Differences from the reference code (locuslab/wanda, luuyin/OWL, thnkinbtfly/STUN), on purpose:
+* sparsity 0 prunes nothing (the threshold rules would still prune each matrix's minimum);
+* N:M ties fall to the lower column (stable sort; the code's topk leaves tie order unspecified);
+* OWL ratios equal across layers fall back to uniform (the code divides by zero);
+* optional ``row_rounding=balanced`` and ``owl_weighting=params`` (defaults are the reference's);
+* not implemented: Wanda's ``--use_variant`` (alpha bisection), OWL's ``--no_prune_zeros`` and its
+  "special" N:M variant, SparseGPT's true-sequential sub-groups.
 """
 from __future__ import annotations
 
@@ -237,16 +245,21 @@ class OWLPruner(UnstructuredPruner):
         report["layer_seconds"] = engine.layer_seconds
         report["owl"] = {"m": self.owl_m, "lambda": self.owl_lambda, "weighting": self.owl_weighting,
                          "outlier_ratios": ratios, "layer_numel": sizes}
+        # layers with nothing to prune (e.g. a dense layer under scope=experts) take no part in
+        # the min-max normalisation or the mean
+        live = [l for l in range(n_layers) if sizes[l] > 0]
+        plan: list[tuple] = [(0.0, None)] * n_layers
+        d = [ratios[l] for l in live]
         if self.nm is not None:
-            offsets = alloc.owl_nm_offsets(ratios, self.owl_lambda)
+            offsets = alloc.owl_nm_offsets(d, self.owl_lambda) if live else []
             n, m = self.nm
-            plan = []
-            for r in offsets:
+            for l, r in zip(live, offsets):
                 n_l = min(max(n - r, 0), m)
-                plan.append((n_l / m, (n_l, m) if n_l > 0 else None))
-            report["owl"]["nm_offsets"] = offsets
-        else:
-            weights = sizes if self.owl_weighting == "params" else None
-            plan = [(sp, None) for sp in alloc.owl_sparsities(ratios, s, self.owl_lambda, weights)]
+                plan[l] = (n_l / m, (n_l, m) if n_l > 0 else None)
+            report["owl"]["nm_offsets"] = dict(zip(map(str, live), offsets))
+        elif live:
+            weights = [sizes[l] for l in live] if self.owl_weighting == "params" else None
+            for l, sp in zip(live, alloc.owl_sparsities(d, s, self.owl_lambda, weights)):
+                plan[l] = (sp, None)
         report["owl"]["layer_sparsity"] = [p[0] for p in plan]
         return plan
