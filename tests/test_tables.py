@@ -144,8 +144,12 @@ def test_every_experiment_job_composes() -> None:
         pytest.skip(f"config schemas do not register: {type(e).__name__}: {str(e).splitlines()[0]}")
     jobs = {tuple(j) for n in available() for m in load_experiment(n).modes.values() for s in m.sweeps
             for j in expand_jobs(s)}
-    bad = [j for j in sorted(jobs) if job_hash(list(j)) is None]
+    from stun_exp.reproduce.launch import CONF_DIR
+    toy_ready = (CONF_DIR / "model" / "toy.yaml").is_file()
+    bad = [j for j in sorted(jobs) if (toy_ready or "model=toy" not in j) and job_hash(list(j)) is None]
     assert not bad, bad[:3]
+    if not toy_ready:
+        pytest.skip("conf/model/toy.yaml not in the repo yet: only the real-model jobs were checked")
 
 
 @pytest.mark.slow
