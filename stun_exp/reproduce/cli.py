@@ -58,6 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
     from stun_exp.reproduce.spec import available, load_experiment
     exp_dir = Path(a.experiments) if a.experiments else None
+    failures: list[str] = []
     try:
         names = available(exp_dir) if a.table == "all" else [a.table]
         for name in names:
@@ -67,14 +68,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not a.no_run:
                 from stun_exp.reproduce.launch import launch
                 for r in launch(exp, a.mode, Path(a.out_root).resolve(), dry_run=a.dry_run):
-                    print(f"[reproduce] {r['already_complete']}/{r['jobs']} done; rc={r['returncode']}: "
-                          f"{r['command']}", flush=True)
+                    print(f"[reproduce] {r['already_complete']}/{r['jobs']} done before; rc={r['returncode']}; "
+                          f"{len(r['failed'])} failed: {r['command']}", flush=True)
+                    failures += r["failed"] + ([] if r["returncode"] in (0, None) else [r["command"]])
             if not a.dry_run:
                 for p in build(name, a.mode, Path(a.out_root), Path(a.out), exp_dir):
                     print(f"[reproduce] wrote {p}", flush=True)
     except ConfigError as e:
         print(f"stun-exp-reproduce: error: {e}", file=sys.stderr)
         return 2
+    if failures:
+        print(f"stun-exp-reproduce: {len(failures)} job(s) failed (tables built from the runs that "
+              f"finished); first: {failures[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -64,6 +64,19 @@ def sweep_command(exp: Experiment, mode: str, i: int, sweep: list[str], out_root
             "resume=true", f"hydra.sweep.dir={sweep_dir}"]
 
 
+def sweep_failures(cmd: list[str]) -> list[str]:
+    """Failure reasons the runner's sweep summary records for this sweep (it keeps going on errors)."""
+    sweep_dir = next((c.split("=", 1)[1] for c in cmd if c.startswith("hydra.sweep.dir=")), None)
+    p = Path(sweep_dir) / "sweep_summary.json" if sweep_dir else None
+    if p is None or not p.is_file():
+        return []
+    try:
+        summary = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return []
+    return [f"job {f.get('job')}: {f.get('reason')}" for f in summary.get("failed", [])]
+
+
 def plan_sweeps(exp: Experiment, mode: str, out_root: Path) -> list[tuple[list[str], int, int]]:
     """(command, jobs, jobs already complete) per sweep of the experiment's mode."""
     done = complete_hashes(out_root)
@@ -79,10 +92,12 @@ def launch(exp: Experiment, mode: str, out_root: Path, dry_run: bool = False) ->
     """Run every sweep that still has unfinished jobs; returns what was done per sweep."""
     report = []
     for cmd, n, n_done in plan_sweeps(exp, mode, out_root):
-        entry = {"command": " ".join(cmd[1:]), "jobs": n, "already_complete": n_done, "returncode": None}
+        entry = {"command": " ".join(cmd[1:]), "jobs": n, "already_complete": n_done, "returncode": None,
+                 "failed": []}
         if n_done < n and not dry_run:
             print(f"[reproduce] {exp.name}/{mode}: {n - n_done} of {n} job(s) to run: {' '.join(cmd[2:])}",
                   flush=True)
             entry["returncode"] = subprocess.run(cmd, cwd=str(CONF_DIR.parent)).returncode
+            entry["failed"] = sweep_failures(cmd)
         report.append(entry)
     return report
