@@ -1,0 +1,153 @@
+"""Training the toy: corpus -> tokenizer -> packed token stream -> MixtralForCausalLM.
+
+Recipe (``shared/reference/toy_feasibility.md``): AdamW (betas .9/.95, weight decay .05 on matrices),
+linear warmup over 5% of the steps then cosine to 10% of the peak, gradient clip 1, router
+load-balancing loss coefficient 0.01, batches of ``batch_size`` windows of ``seq_len`` tokens.
+Difference from the notes: a fixed step count instead of a wall-time budget (deterministic), and
+windows start at document starts (the notes used random offsets) so that evaluation prompts,
+which start at a document start, look like training text.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+
+from stun_exp.toy.config import ToyModelCfg
+from stun_exp.toy.corpus import generate_docs
+from stun_exp.toy.tokenizer import train_tokenizer
+
+AUX_COEF = 0.01
+TOKENIZER_DOCS = 20_000
+MAX_POSITIONS = 512  # > seq_len so lm-eval prompts + generation fit
+
+
+def set_threads() -> int:
+    """Use every core we may run on, unless OMP_NUM_THREADS says otherwise."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    n = int(env) if env and env.isdigit() else len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+def build_tokenizer(cfg: ToyModelCfg) -> PreTrainedTokenizerFast:
+    n = min(TOKENIZER_DOCS, max(2000, cfg.train_steps * cfg.batch_size))
+    return train_tokenizer(generate_docs(n, cfg.seed, stream="tokenizer"), cfg.vocab_size)
+
+
+def make_model(cfg: ToyModelCfg, tok: PreTrainedTokenizerFast) -> MixtralForCausalLM:
+    torch.manual_seed(cfg.seed)
+    mc = MixtralConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads, num_local_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True,
+        router_aux_loss_coef=AUX_COEF, output_router_logits=False, router_jitter_noise=0.0,
+        sliding_window=None, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)
+    return MixtralForCausalLM(mc)
+
+
+def pack(docs: list[str], tok: PreTrainedTokenizerFast, seq_len: int,
+         chunk: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate ``doc eos doc eos ...``; return (stream, valid window starts = doc starts).
+
+    Encodes through the backend ``tokenizers`` object in chunks (the transformers wrapper is
+    several times slower and holds every Python list at once)."""
+    backend, eos = tok.backend_tokenizer, tok.eos_token_id
+    parts = []
+    for i in range(0, len(docs), chunk):
+        for enc in backend.encode_batch_fast(docs[i:i + chunk], add_special_tokens=False):
+            parts.append(np.asarray(enc.ids + [eos], dtype=np.int64))
+    lens = np.fromiter((len(x) for x in parts), dtype=np.int64, count=len(parts))
+    stream = np.concatenate(parts)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    starts = starts[starts + seq_len <= len(stream)]
+    return torch.from_numpy(stream), torch.from_numpy(starts)
+
+
+def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """Linear warmup, then cosine from 1 to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    other = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def train_loop(model: MixtralForCausalLM, stream: torch.Tensor, starts: torch.Tensor, steps: int,
+               batch_size: int, seq_len: int, lr: float, seed: int, desc: str = "toy",
+               on_step: Optional[Callable[[int, float], None]] = None) -> dict:
+    """Train in place; return loss statistics. Deterministic for a fixed seed and thread count."""
+    g = torch.Generator().manual_seed(seed)
+    opt = _optimizer(model, lr)
+    warmup = max(1, round(0.05 * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
+    offs = torch.arange(seq_len)
+    model.train()
+    model.config.output_router_logits = True
+    ce_hist, aux_hist, t0 = [], [], time.time()
+    bar = tqdm(range(steps), desc=desc, mininterval=2.0)
+    for step in bar:
+        x = stream[starts[torch.randint(len(starts), (batch_size,), generator=g)][:, None] + offs]
+        out = model(input_ids=x, labels=x)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        aux = float(out.aux_loss.detach())
+        ce_hist.append(float(out.loss.detach()) - AUX_COEF * aux)
+        aux_hist.append(aux)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(ce_hist[-10:]):.3f}", aux=f"{aux:.2f}")
+        if on_step:
+            on_step(step, ce_hist[-1])
+    model.config.output_router_logits = False
+    model.eval()
+    secs = time.time() - t0
+    tail = max(1, min(50, steps // 5))
+    return {"steps": steps, "train_seconds": round(secs, 1), "steps_per_s": round(steps / secs, 3),
+            "tokens": steps * batch_size * seq_len, "final_loss": round(float(np.mean(ce_hist[-tail:])), 4),
+            "final_aux_loss": round(float(np.mean(aux_hist[-tail:])), 4), "threads": torch.get_num_threads()}
+
+
+def n_docs_for(steps: int, batch_size: int, seq_len: int) -> int:
+    """Enough documents that windows rarely repeat (~33 tokens per document)."""
+    return int(min(300_000, max(2_000, steps * batch_size * seq_len // 30)))
+
+
+def pretrain(cfg: ToyModelCfg) -> tuple[MixtralForCausalLM, PreTrainedTokenizerFast, dict]:
+    """Corpus, tokenizer and model from nothing; returns (model, tokenizer, stats)."""
+    threads, t0 = set_threads(), time.time()
+    tok = build_tokenizer(cfg)
+    docs = generate_docs(n_docs_for(cfg.train_steps, cfg.batch_size, cfg.seq_len), cfg.seed, stream="train")
+    stream, starts = pack(docs, tok, cfg.seq_len)
+    prep = time.time() - t0
+    model = make_model(cfg, tok)
+    stats = train_loop(model, stream, starts, cfg.train_steps, cfg.batch_size, cfg.seq_len, cfg.lr,
+                       cfg.seed, desc="toy pretrain")
+    stats.update(prep_seconds=round(prep, 1), corpus_docs=len(docs), corpus_tokens=len(stream), threads=threads)
+    return model, tok, stats
+
+
+def finetune(model: MixtralForCausalLM, tok: PreTrainedTokenizerFast, cfg: ToyModelCfg) -> dict:
+    """Continue training on one domain only (half the peak lr), for the router-change pair."""
+    set_threads()
+    n = n_docs_for(cfg.finetune_steps, cfg.batch_size, cfg.seq_len)
+    docs = generate_docs(n, cfg.seed, mix={cfg.finetune_domain: 1.0}, stream="finetune")
+    stream, starts = pack(docs, tok, cfg.seq_len)
+    return train_loop(model, stream, starts, cfg.finetune_steps, cfg.batch_size, cfg.seq_len, cfg.lr * 0.5,
+                      cfg.seed + 1, desc=f"toy finetune[{cfg.finetune_domain}]")
