@@ -73,7 +73,8 @@ class ExpertKD:
         pairs = {l: expert_pairs(plan, l, s_ad.num_experts(l), self.merged, s_ad.pruned_experts(l))
                  for l in s_ad.moe_layers}
         params = self._trainable(student, s_ad)
-        masks = [p.detach() == 0 for p in params]
+        # pruning masks live on weight matrices (2-D, or fused 3-D); biases are never pruned
+        masks = [(p.detach() == 0) if p.dim() >= 2 else torch.zeros_like(p, dtype=torch.bool) for p in params]
         data = self._batches(ctx.calib, ctx.device)
         evals = data[:self.eval_batches]
         before = self._evaluate(student, teacher, s_ad, t_ad, pairs, evals)
