@@ -210,3 +210,25 @@ def test_owl_ignores_layers_without_targets():
     rep = P.OWLPruner(name="owl", owl_m=3.0, owl_lambda=0.05, nm="2:4", **EXPERTS_ONLY).prune(
         _ctx(tiny_model("deepseek_v2")), sparsity=None)
     assert rep["owl"]["nm_offsets"] == {"1": 0}
+
+
+@pytest.mark.parametrize("cls,kw", [(P.WandaPruner, {"row_rounding": "balanced"}),
+                                    (P.OWLPruner, dict(OWL_KW, row_rounding="balanced")),
+                                    (P.SparseGPTPruner, {}), (P.MagnitudePruner, {}),
+                                    (P.MoEPruner, dict(EXPERTS_ONLY, row_rounding="balanced"))])
+def test_total_target_after_expert_removal_lands_within_half_percent(cls, kw):
+    """Ledger split (expert phase + derived unstructured ratio) lands decoder-Linear sparsity at 40%."""
+    from stun_exp.analysis.sparsity import census, derive_unstructured_ratio, sparsity_report
+    from stun_exp.models.surgery import apply_plan
+    from stun_exp.pruning.expert.plan import ExpertPlan
+    model = tiny_model("mixtral")
+    ctx = _ctx(model)
+    dense = census(model, ctx.adapter)
+    keep = {l: [0, 2, 3, 5, 6, 7] for l in ctx.adapter.moe_layers}
+    apply_plan(ctx.adapter, ExpertPlan.from_keep("t", {l: 8 for l in keep}, keep))
+    pruner = cls(name="x", **kw)
+    split = derive_unstructured_ratio(0.4, dense, ctx.adapter, pruner.is_targeted)
+    pruner.prune(ctx, sparsity=split["unstructured_ratio"])
+    rep = sparsity_report(dense, census(model, ctx.adapter), targeted_counts(ctx.adapter, pruner.is_targeted))
+    assert abs(rep["decoder_linear"] - 0.4) < 0.005
+    assert abs(rep["targeted"] - split["unstructured_ratio"]) < 0.005
