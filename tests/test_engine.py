@@ -146,6 +146,14 @@ def test_nan_weights_raise_data_error_naming_module():
         _engine(model, tiny_input(2, 8)).run(lambda l, t, s: False)
 
 
+def test_nan_activations_raise_data_error():
+    model = tiny_model("mixtral")
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight[0] = float("inf")
+    with pytest.raises(DataError, match="layer 0"):
+        _engine(model, tiny_input(2, 8)).run(lambda l, t, s: False)
+
+
 def test_capture_keeps_rotary_kwargs():
     model = tiny_model("mixtral")
     adapter = get_adapter(model)
