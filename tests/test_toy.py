@@ -1,0 +1,192 @@
+"""The toy MoE: corpus determinism and held-out split, tokenizer round trip, config validation,
+cached atomic builds (toy_tiny, 20 steps), lm-eval task loading. The full-size build is slow."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from stun_exp.errors import ConfigError
+from stun_exp.toy import corpus
+from stun_exp.toy.config import ToyModelCfg, as_toy_cfg, resolve_cache_dir
+
+TINY = dict(num_experts=4, top_k=2, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=32,
+            seq_len=64, train_steps=20, batch_size=8, finetune_steps=5, eval_after_build=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("toycache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_cache):
+    from stun_exp.toy.build import ensure_toy
+    return ensure_toy({**TINY, "cache_dir": tiny_cache})
+
+
+def test_corpus_same_seed_same_text_other_seed_other_text():
+    a, b, c = (corpus.generate_docs(300, s) for s in (0, 0, 1))
+    assert a == b
+    assert a != c
+    assert corpus.arith_eval_items(20, 3) == corpus.arith_eval_items(20, 3)
+    assert corpus.World.from_seed(0) == corpus.World.from_seed(0)
+    assert corpus.World.from_seed(0).facts != corpus.World.from_seed(1).facts
+
+
+def test_corpus_covers_every_domain_and_gsm8k_format():
+    docs = list(zip(*[next(it) for it in [corpus.iter_docs(0)] for _ in range(2000)]))
+    assert set(docs[0]) == set(corpus.DOMAINS)
+    arith = [t for d, t in zip(*docs) if d == "arithmetic"]
+    for t in arith[:200]:  # the answer after #### is the value of the written-out computation
+        last_eq = re.findall(r"=(\d+)\.", t)[-1]
+        assert t.endswith(f"#### {last_eq}")
+    assert 0.3 < len(arith) / 2000 < 0.5
+
+
+def test_eval_items_never_in_training_text():
+    train = "\n".join(corpus.generate_docs(20000, 0))
+    for it in corpus.arith_eval_items(50, 0) + corpus.compare_eval_items(50, 0):
+        assert it["question"] not in train
+    heldout_q = [d.split("\n")[0] for d in corpus.generate_docs(300, 0, split="heldout") if d.startswith("Question")]
+    assert sum(q in train for q in heldout_q if "capital" not in q and "speak" not in q
+               and "animal" not in q and "currency" not in q) == 0
+
+
+def test_fact_items_have_one_true_answer():
+    world = corpus.World.from_seed(0)
+    items = corpus.fact_eval_items(0)
+    assert len(items) == corpus.N_COUNTRIES * len(corpus.RELATIONS)
+    for it in items:
+        assert len(set(it["options"])) == 4
+        right = it["options"][it["label"]]
+        c = re.search(r"of (\w+)\?|in (\w+) speak", it["question"])
+        country = c.group(1) or c.group(2)
+        assert right in world.facts[country].values()
+    assert 0.2 < sum(not it["seen_as_qa"] for it in items) / len(items) < 0.3
+
+
+def test_tokenizer_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    from stun_exp.toy.tokenizer import train_tokenizer
+    docs = corpus.generate_docs(3000, 0)
+    tok = train_tokenizer(docs, 384)
+    assert len(tok) == 384
+    for d in docs[:50]:
+        assert tok.decode(tok(d, add_special_tokens=False)["input_ids"]) == d
+    ids = tok("Answer: 123+45=168.", add_special_tokens=False)["input_ids"]
+    digits = [t for t in tok.convert_ids_to_tokens(ids) if any(ch.isdigit() for ch in t)]
+    assert all(len(t) == 1 for t in digits)  # single-digit pre-tokenisation
+    tok.save_pretrained(tmp_path)
+    back = AutoTokenizer.from_pretrained(tmp_path)
+    assert back(docs[0])["input_ids"] == tok(docs[0])["input_ids"]
+    assert (back.eos_token, back.bos_token, back.pad_token) == ("<|eos|>", "<|bos|>", "<|pad|>")
+
+
+@pytest.mark.parametrize("bad,key", [({"top_k": 9}, "model.top_k"), ({"num_layers": 0}, "model.num_layers"),
+                                     ({"finetune_domain": "arithmetc"}, "model.finetune_domain"),
+                                     ({"hidden_size": 130}, "model.hidden_size"), ({"lr": 0.0}, "model.lr")])
+def test_config_validation_names_the_key(bad, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        ToyModelCfg(**bad).validate()
+
+
+def test_cache_dir_interpolation_resolves(monkeypatch, tmp_path):
+    monkeypatch.setenv("STUN_EXP_CACHE", str(tmp_path))
+    assert resolve_cache_dir(ToyModelCfg().cache_dir) == tmp_path.resolve()
+    monkeypatch.delenv("STUN_EXP_CACHE")
+    assert resolve_cache_dir(ToyModelCfg().cache_dir) == (
+        __import__("pathlib").Path.home() / ".cache" / "stun_exp").resolve()
+
+
+def test_tiny_builds_and_is_cached(tiny_dir, tiny_cache):
+    from transformers import MixtralForCausalLM
+
+    from stun_exp.toy import build
+    meta = build.read_meta(tiny_dir)
+    assert meta["training"]["steps"] == 20
+    assert (tiny_dir / "tasks" / "heldout.txt").is_file()
+    model = MixtralForCausalLM.from_pretrained(tiny_dir)
+    assert model.config.num_local_experts == 4 and model.config.num_hidden_layers == 2
+    mtime, count = (tiny_dir / build.META).stat().st_mtime_ns, dict(build.BUILD_COUNT)
+    again = build.ensure_toy({**TINY, "cache_dir": tiny_cache})
+    assert again == tiny_dir
+    assert (tiny_dir / build.META).stat().st_mtime_ns == mtime and build.BUILD_COUNT == count
+    assert not [p for p in tiny_dir.parent.iterdir() if ".tmp-" in p.name]  # no half-built leftovers
+
+
+def test_tiny_build_is_deterministic(tiny_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from stun_exp.toy.build import ensure_toy
+    other = ensure_toy({**TINY, "cache_dir": str(tmp_path)})
+    a, b = load_file(tiny_dir / "model.safetensors"), load_file(other / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_build_leaves_no_cache(tmp_path, monkeypatch):
+    from stun_exp.toy import build
+
+    def boom(cfg, key, out):
+        (out / "config.json").write_text("{}")  # partial output, then a crash
+        raise KeyboardInterrupt
+    monkeypatch.setattr(build, "_build_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build.ensure_toy({**TINY, "cache_dir": str(tmp_path)})
+    assert [p.name for p in (tmp_path / "toy").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_finetuned_pair(tiny_dir, tiny_cache):
+    import torch
+    from transformers import MixtralForCausalLM
+
+    from stun_exp.toy.build import ensure_toy, ensure_toy_pair, read_meta
+    cfg = {**TINY, "cache_dir": tiny_cache, "finetune_domain": "arithmetic"}
+    ft, pre = ensure_toy_pair(cfg)
+    assert pre == tiny_dir and ft != pre and ensure_toy(cfg) == ft
+    assert read_meta(ft)["pretrained_path"] == str(pre)
+    a, b = (MixtralForCausalLM.from_pretrained(p).model.layers[0].mlp.gate.weight for p in (ft, pre))
+    assert not torch.equal(a, b)  # the routers moved: router-change pruning has a signal
+
+
+def test_task_files_load_in_lm_eval(tiny_dir):
+    from lm_eval.tasks import TaskManager
+
+    from stun_exp.toy.tasks import TASKS, task_dir
+    d = task_dir(tiny_dir)
+    tm = TaskManager(include_path=str(d), include_defaults=False)
+    assert set(TASKS) <= set(tm.all_tasks)
+    tasks = tm.load_task_or_group(list(TASKS))
+    facts = tasks["toy_facts"]
+    doc = next(iter(facts.test_docs()))
+    assert facts.doc_to_text(doc).startswith("Question: ") and len(facts.doc_to_choice(doc)) == 4
+    arith = tasks["toy_arith"]
+    docs = list(arith.test_docs())
+    assert len(docs) == 200 and "####" in arith.doc_to_target(docs[0])
+    for name in TASKS:
+        assert len(json.loads((d / f"{name}.jsonl").read_text().splitlines()[0])) >= 2
+
+
+def test_quick_eval_runs_on_tiny(tiny_dir):
+    from transformers import AutoTokenizer, MixtralForCausalLM
+
+    from stun_exp.toy.tasks import evaluate_toy_quick, task_dir
+    model = MixtralForCausalLM.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    res = evaluate_toy_quick(model, tok, task_dir(tiny_dir), limit=8)
+    assert set(res) == {"toy_arith_em", "toy_facts_acc", "toy_compare_acc", "heldout_ppl"}
+    assert 0 <= res["toy_facts_acc"] <= 1 and res["heldout_ppl"] > 1
+
+
+@pytest.mark.slow
+def test_full_toy_reaches_targets():
+    """Trains (or loads from ~/.cache/stun_exp) the real toy; ~10+ min on 2 CPU cores."""
+    from stun_exp.toy.build import ensure_toy, read_meta
+    cfg = as_toy_cfg({})
+    scores = read_meta(ensure_toy(cfg))["dense_scores_quick"]
+    assert scores["toy_arith_em"] >= 0.5
+    assert scores["toy_facts_acc"] >= 0.55 and scores["toy_compare_acc"] >= 0.55
