@@ -136,6 +136,10 @@ def test_evaluate_toy_suite_with_ppl(tiny) -> None:
                               output_router_logits=False).loss) for i in range(n)]
     assert out["heldout/ppl"] == pytest.approx(math.exp(sum(losses) / n), rel=1e-5)
     assert out["heldout/ppl_tokens"] == n * 15
+    # called directly too: router-logit outputs (on in this config) are switched off while scoring
+    from stun_exp.evaluation.perplexity import perplexity
+    assert perplexity(model, ids, 16, 3)["ppl"] == pytest.approx(out["heldout/ppl"], rel=1e-6)
+    assert model.config.output_router_logits is True
 
 
 def test_unknown_local_task_named_before_running(tiny) -> None:
@@ -144,3 +148,24 @@ def test_unknown_local_task_named_before_running(tiny) -> None:
     model, tok, d = tiny
     with pytest.raises(ConfigError, match="did you mean 'toy_arith'"):
         run_lm_eval(model, tok, ["toy_arth"], include_path=str(d), include_defaults=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bridge_and_perplexity_on_cuda_match_cpu(tiny) -> None:
+    """The in-memory wrapper follows the model's device: CUDA scores equal the CPU ones."""
+    import copy
+    from stun_exp.analysis.kurtosis import kurtosis
+    from stun_exp.evaluation.lm_eval_bridge import run_lm_eval
+    from stun_exp.evaluation.perplexity import perplexity, text_file_tokens
+    model, tok, d = tiny
+    gpu = copy.deepcopy(model).to("cuda")
+    kw = dict(num_fewshot={}, include_path=str(d), include_defaults=False, batch_size=4)
+    cpu_res = run_lm_eval(model, tok, ["toy_compare", "toy_arith"], **kw)
+    gpu_res = run_lm_eval(gpu, tok, ["toy_compare", "toy_arith"], **kw)
+    for k in ("toy_compare/acc", "toy_compare/acc_norm", "toy_arith/exact_match"):
+        assert gpu_res[k] == pytest.approx(cpu_res[k]), k
+    ids = text_file_tokens(d / "heldout.txt", tok)
+    assert perplexity(gpu, ids, 16, 4)["ppl"] == pytest.approx(perplexity(model, ids, 16, 4)["ppl"], rel=1e-4)
+    w = model.model.layers[0].mlp.experts.down_proj
+    assert kurtosis(w.detach().cuda()) == pytest.approx(kurtosis(w.detach()), rel=1e-9)

@@ -12,35 +12,15 @@ that reads that count at forward time is the auxiliary load-balancing loss).
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 from collections import defaultdict
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
 from stun_exp.errors import ConfigError
-
-ROUTER_FLAGS = ("output_router_logits",)
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """model.eval(), no grad, router-logit outputs off; everything restored afterwards."""
-    cfg = getattr(model, "config", None)
-    saved = {f: getattr(cfg, f) for f in ROUTER_FLAGS if cfg is not None and hasattr(cfg, f)}
-    was_training = model.training
-    try:
-        for f in saved:
-            setattr(cfg, f, False)
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for f, v in saved.items():
-            setattr(cfg, f, v)
-        model.train(was_training)
+from stun_exp.evaluation.model_mode import eval_mode
 
 
 def metric_key(task: str, lm_eval_key: str) -> Optional[str]:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from stun_exp.evaluation.model_mode import eval_mode
+
 C4_VAL_FILE = "en/c4-validation.00000-of-00008.json.gz"
 C4_VAL_DOCS = 1100
 
@@ -41,7 +43,6 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return nll.double().sum(dim=1)
 
 
-@torch.no_grad()
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, batch_size: int = 1,
                max_windows: int | None = None) -> dict[str, float]:
     """Perplexity of ``model`` on a 1-D token stream; returns ppl, nll/token, tokens and windows."""
@@ -49,16 +50,12 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, batch_siz
     if max_windows is not None:
         win = win[:max_windows]
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total = 0.0
-    try:
+    with eval_mode(model):   # eval(), no grad, router-logit outputs off (per-layer expert counts)
         for i in range(0, win.shape[0], batch_size):
             batch = win[i:i + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             total += float(window_nll(logits, batch).sum())
-    finally:
-        model.train(was_training)
     count = win.shape[0] * (seqlen - 1)
     return {"ppl": math.exp(total / count), "nll": total / count, "tokens": float(count),
             "windows": float(win.shape[0]), "seqlen": float(seqlen)}

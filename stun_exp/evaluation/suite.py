@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from stun_exp.errors import ConfigError
 from stun_exp.evaluation.configs import LmEvalBase, PplEval, ToyEval, build_eval_config
-from stun_exp.evaluation.lm_eval_bridge import eval_mode, run_lm_eval
+from stun_exp.evaluation.lm_eval_bridge import run_lm_eval
 from stun_exp.evaluation.perplexity import dataset_tokens, perplexity, text_file_tokens
 
 SETTINGS_KEY = "eval_settings"
@@ -48,8 +48,7 @@ def _lm_eval(model: Any, tok: Any, cfg: LmEvalBase, include_path: Optional[str])
 
 
 def _ppl(model: Any, ids: Any, seqlen: int, batch_size: int, name: str) -> dict[str, float]:
-    with eval_mode(model):
-        r = perplexity(model, ids, seqlen, batch_size)
+    r = perplexity(model, ids, seqlen, batch_size)
     return {f"{name}/ppl": r["ppl"], f"{name}/ppl_tokens": r["tokens"]}
 
 
