@@ -42,7 +42,7 @@ BAD_VALUES = [
     (["logger=wandb", "logger.mode=sometimes"], "logger.mode"),
     (["model.num_experts=1"], "model."),
     (["model=hf", "model.name_or_path=no-such-org/no-such-moe"], "no-such-org/no-such-moe"),
-    (["distill=expert_kd", "distill.steps=0"], "distill.steps"),
+    (["distill=expert_kd", "distill.steps=-1"], "distill.steps"),
 ]
 
 # Composition errors: unknown group options (with closest match), unknown keys, wrong types.

@@ -22,12 +22,20 @@ def as_schema(node: DictConfig) -> Any:
     return OmegaConf.to_object(node)
 
 
+def toy_info(m: DictConfig) -> Any:
+    """The toy's ModelInfo straight from its fields (it is a Mixtral: every layer is MoE)."""
+    from stun_exp.models.adapter import ModelInfo
+    from stun_exp.toy.train import MAX_POSITIONS
+    layers = list(range(int(m.num_layers)))
+    return ModelInfo("MixtralForCausalLM", len(layers), layers, {l: int(m.num_experts) for l in layers},
+                     int(m.top_k), int(m.hidden_size), MAX_POSITIONS)
+
+
 def model_info(cfg: DictConfig) -> Any:
     """ModelInfo from the model config alone (no weights)."""
-    from stun_exp.models.adapter import model_info_from_config
     if cfg.model.kind == "toy":
-        from stun_exp.toy.build import toy_hf_config
-        return model_info_from_config(toy_hf_config(cfg.model))
+        return toy_info(cfg.model)
+    from stun_exp.models.adapter import model_info_from_config
     from stun_exp.models.loading import config_for
     return model_info_from_config(config_for(cfg.model.name_or_path, cfg.model.trust_remote_code))
 
@@ -54,3 +62,22 @@ def _cross_checks(cfg: DictConfig, info: Any) -> None:
                           "(N:M fixes the unstructured ratio at 0.5)")
     if cfg.expert_pruner.name != "none" and not info.moe_layers:
         raise ConfigError("expert_pruner", cfg.expert_pruner.name, "none for a model without MoE layers")
+    if cfg.expert_pruner.name == "router_change":
+        _check_pretrained_pair(cfg, info)
+
+
+def _check_pretrained_pair(cfg: DictConfig, info: Any) -> None:
+    """router_change needs the pre-fine-tuning checkpoint, with the same expert layout."""
+    path = cfg.expert_pruner.pretrained_path or cfg.model.get("pretrained_path")
+    if path is None:
+        if cfg.model.kind == "toy" and cfg.model.finetune_domain:
+            return                              # the toy pair: built together with the fine-tuned toy
+        raise ConfigError("expert_pruner.pretrained_path", None, "the checkpoint the model was fine-tuned "
+                          "from (or model=toy_ft, whose pair is built for you)")
+    from stun_exp.models.adapter import model_info_from_config
+    from stun_exp.models.loading import config_for
+    pre = model_info_from_config(config_for(str(path), cfg.model.get("trust_remote_code", False)))
+    if (pre.experts_per_layer, pre.hidden_size) != (info.experts_per_layer, info.hidden_size):
+        raise ConfigError("expert_pruner.pretrained_path", str(path), "a checkpoint with the model's expert "
+                          f"layout (it has experts {pre.experts_per_layer}, hidden {pre.hidden_size}; the model "
+                          f"has {info.experts_per_layer}, hidden {info.hidden_size})")
