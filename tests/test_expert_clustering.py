@@ -187,3 +187,11 @@ def test_all_zero_coactivation_is_a_clear_error():
     from stun_exp.errors import DataError
     with pytest.raises(DataError, match="all zeros"):
         C.coactivation_distance(torch.zeros(3, 3))
+
+
+def test_trim_merges_keeps_global_smallest_prefixes():
+    logs = {0: [(0.1, 0, 1), (0.3, 2, 3), (0.5, 0, 2)], 1: [(0.2, 4, 5), (0.3, 1, 2)]}
+    kept = C.trim_merges(logs, 3)                                 # 0.1 (l0), 0.2 (l1), 0.3 (l0 wins the tie)
+    assert kept == {0: [(0.1, 0, 1), (0.3, 2, 3)], 1: [(0.2, 4, 5)]}
+    assert C.clusters_from_merges(6, kept[1]) == [[0], [1], [2], [3], [4, 5]]
+    assert C.clusters_from_merges(4, logs[0]) == [[0, 1, 2, 3]]

@@ -97,15 +97,26 @@ def test_single_pass_default_merges_closest_pair_per_layer():
         assert len(merged) == 1 and any(set(merged[0]) <= set(g) for g in PLANTED[l])
 
 
-def test_unreachable_target_falls_back_to_nearest_total_keeping_more():
+def test_unreachable_target_fallbacks():
+    from stun_exp.pruning.expert import clustering as C
     model, a = planted_model()
     with torch.no_grad():
         a.router_weight(1).copy_(a.router_weight(0))            # both layers merge in lockstep: even totals
-    plan = StunPruner(target_experts=13, max_merges_per_layer=None).plan(ctx_for(model, a))
+    plan = StunPruner(target_experts=13, search_fallback="nearest").plan(ctx_for(model, a))
     s = plan.meta["search"]
     assert not s["hit"] and s["stop_reason"] in ("stalled", "step_underflow", "max_iters")
     assert plan.experts_after == s["achieved_experts"] == 14   # |14-13| = |12-13|: keep more
     assert plan.layers[0].groups == plan.layers[1].groups
+    # trim (default): τ with total 12, undo the single largest-distance merge; the tie between the two
+    # identical layers goes to the higher layer index (layer 0's merge sorts first and is kept).
+    plan = StunPruner(target_experts=13).plan(ctx_for(model, a))
+    s = plan.meta["search"]
+    assert not s["hit"] and plan.experts_after == s["achieved_experts"] == 13 and s["merges_undone"] == 1
+    d = C.router_distance(a.router_weight(0))
+    log = C.greedy_merges(d, s["threshold"], 6)
+    assert len(log) == 2                                          # total 12 = 2 x (8 - 2)
+    assert plan.layers[0].groups == C.clusters_from_merges(8, log)
+    assert plan.layers[1].groups == C.clusters_from_merges(8, log[:1])
 
 
 def test_validation_errors():

@@ -109,11 +109,12 @@ class SortedPairs:
         return cls(dn, order)
 
 
-def greedy_clusters(d: torch.Tensor | SortedPairs, threshold: float,
-                    max_merges: Optional[int] = 1) -> list[list[int]]:
-    """The reference's greedy_but_reject_mixed clustering at one threshold τ.
+def greedy_merges(d: torch.Tensor | SortedPairs, threshold: float,
+                  max_merges: Optional[int] = 1) -> list[tuple[float, int, int]]:
+    """The reference's greedy_but_reject_mixed clustering at one threshold τ, as its merge log.
 
-    Returns clusters as sorted id lists, ordered by smallest member. ``max_merges=None`` = no cap.
+    Returns the accepted merges (D[u, v], u, v) in the order they happen (ascending D).
+    ``max_merges=None`` = no cap.
     """
     sp = d if isinstance(d, SortedPairs) else SortedPairs.from_matrix(d)
     dist, n = sp.dist, sp.dist.shape[0]
@@ -121,6 +122,7 @@ def greedy_clusters(d: torch.Tensor | SortedPairs, threshold: float,
     cluster_of = list(range(n))
     members: dict[int, list[int]] = {i: [i] for i in range(n)}
     dead = np.zeros((n, n), dtype=bool)             # entries the reference has set to +inf
+    log: list[tuple[float, int, int]] = []
     for value, u, v in sp.order:
         if len(members) <= floor or not value < threshold:
             break
@@ -137,9 +139,43 @@ def greedy_clusters(d: torch.Tensor | SortedPairs, threshold: float,
             members[a_id] += members.pop(b_id)
             for e in members[a_id]:
                 cluster_of[e] = a_id
+            log.append((value, u, v))
         else:
             dead[u, v] = dead[v, u] = True           # sticky rejection
+    return log
+
+
+def clusters_from_merges(n: int, merges: Sequence[tuple[float, int, int]]) -> list[list[int]]:
+    """Replay merges (union of u's and v's clusters) -> sorted clusters, ordered by smallest member."""
+    cluster_of = list(range(n))
+    members: dict[int, list[int]] = {i: [i] for i in range(n)}
+    for _, u, v in merges:
+        a_id, b_id = cluster_of[u], cluster_of[v]
+        if a_id != b_id:
+            members[a_id] += members.pop(b_id)
+            for e in members[a_id]:
+                cluster_of[e] = a_id
     return sorted((sorted(m) for m in members.values()), key=lambda m: m[0])
+
+
+def greedy_clusters(d: torch.Tensor | SortedPairs, threshold: float,
+                    max_merges: Optional[int] = 1) -> list[list[int]]:
+    """Clusters (sorted id lists, ordered by smallest member) of ``greedy_merges`` at τ."""
+    sp = d if isinstance(d, SortedPairs) else SortedPairs.from_matrix(d)
+    return clusters_from_merges(sp.dist.shape[0], greedy_merges(sp, threshold, max_merges))
+
+
+def trim_merges(logs: dict[int, list[tuple[float, int, int]]], keep: int) -> dict[int, list]:
+    """Keep the ``keep`` smallest-distance merges over all layers (ties: layer, then merge order).
+
+    Each layer's log is ascending, so every layer keeps a prefix of its own merge sequence: a state
+    the greedy procedure passed through. Used to hit a total exactly (search.py's ``trim`` rule).
+    """
+    events = sorted((m[0], l, i) for l, log in logs.items() for i, m in enumerate(log))[:keep]
+    count = {l: 0 for l in logs}
+    for _, l, _i in events:
+        count[l] += 1
+    return {l: log[:count[l]] for l, log in logs.items()}
 
 
 # ---- representative and reconstruction --------------------------------------------------------

@@ -155,10 +155,12 @@ class StunConfig(Validatable):
     search_init: float = 0.5
     search_step: float = 0.1
     search_max_iters: int = 100
+    search_fallback: str = "trim"                # trim (exact target) | nearest (see search.py)
     calib_batch_size: int = 8
 
     def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
         check_choice(f"{prefix}.distance", self.distance, STUN_DISTANCES)
+        check_choice(f"{prefix}.search_fallback", self.search_fallback, ["trim", "nearest"])
         check_choice(f"{prefix}.reconstruct_rule", self.reconstruct_rule, ["layer_clusters", "cluster_size"])
         if self.distance == "mixed" and self.mix_weight is None:
             raise ConfigError(f"{prefix}.mix_weight", None, "a number (λ) when distance=mixed")

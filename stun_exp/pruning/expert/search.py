@@ -5,11 +5,15 @@ Starting at ``init`` with ``step``: while the total misses the target, move τ u
 kept) or down (too few); the step doubles until the direction first flips, then halves every trial.
 
 Where the reference aborts (``sys.exit(1)`` once the last 10 of more than 10 totals are equal), this
-search stops instead and falls back, deterministically, to the evaluated τ whose total is closest to
-the target; ties go to the total that keeps MORE experts (fewer merges: the conservative side), then to
-the smallest τ. It also stops when the step underflows relative to τ or after ``max_iters`` trials,
-so it never hangs. The achieved total is returned and recorded in ``plan.meta`` (``hit: false``);
-no experts are added or removed outside the greedy procedure.
+search stops instead (also when the step underflows relative to τ, or after ``max_iters`` trials, so it
+never hangs) and falls back deterministically; the rule and the achieved total go to ``plan.meta``:
+
+* ``nearest``: the evaluated τ whose total is closest to the target; ties go to the total that keeps
+  MORE experts (fewer merges: the conservative side), then to the smallest τ. May miss the target.
+* ``trim`` (STUN's default, applied in ``stun.cluster_layers``): take the evaluated τ whose total is
+  closest BELOW the target (ties: smallest τ) and undo its largest-distance merges across all layers
+  until the total equals the target (``clustering.trim_merges``). Exact whenever some τ overshot.
+  Falls back to ``nearest`` if no evaluated τ went below the target.
 """
 from __future__ import annotations
 
@@ -61,6 +65,12 @@ def search_threshold(total_at: Callable[[float], int], target: int, init: float 
             break
         tau, last_dir = new_tau, direction
     return _fallback(trace, target, reason)
+
+
+def closest_below(trace: list[tuple[float, int]], target: int) -> tuple[float, int] | None:
+    """The evaluated (τ, total) with the largest total < target (ties: smallest τ), or None."""
+    below = [tk for tk in trace if tk[1] < target]
+    return min(below, key=lambda tk: (target - tk[1], tk[0])) if below else None
 
 
 def _fallback(trace: list[tuple[float, int]], target: int, reason: str) -> SearchResult:

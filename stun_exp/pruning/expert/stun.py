@@ -12,8 +12,9 @@ Differences from the reference, all deliberate:
   raw logits); the reference hard-codes 2 even for other k.
 * ``coactivation_path`` keys are decoder-layer indices (int or str); the reference's are MoE-layer
   positions, which coincide for Mixtral and Arctic.
-* When no τ gives the target total exactly, the search falls back to the nearest total instead of
-  exiting (``search.py``); the achieved count is in ``plan.meta['search']``.
+* When no τ gives the target total exactly, the search does not exit: by default (``search_fallback:
+  trim``) the merges of the closest τ below the target are trimmed to hit it exactly; ``nearest``
+  keeps the nearest total (``search.py``). The rule and achieved count are in ``plan.meta['search']``.
 * A layer never keeps fewer than top_k clusters: the merge cap is clamped to n - top_k (surgery needs
   top_k distinct experts; the reference allowed down to 1 and routed to min(k, K)).
 * ``max_merges_per_layer: null`` resolves to the reference's defaults: 1 for a single pass at
@@ -37,7 +38,7 @@ from stun_exp.pruning.expert import clustering as C
 from stun_exp.pruning.expert.common import counters_delta, observe, router_weights, routing_groups, stat, timed
 from stun_exp.pruning.expert.configs import StunConfig
 from stun_exp.pruning.expert.plan import ExpertPlan, LayerPlan
-from stun_exp.pruning.expert.search import search_threshold
+from stun_exp.pruning.expert.search import closest_below, search_threshold
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,33 @@ def cluster_layers(dists: Mapping[int, torch.Tensor], cfg: StunConfig, target: O
         meta = {"threshold": tau if math.isfinite(tau) else str(tau), "searched": False}   # JSON-safe
     else:
         res = search_threshold(total_at, target, cfg.search_init, cfg.search_step, cfg.search_max_iters)
+        tau, meta = res.threshold, {"searched": True, **res.as_meta(target)}
+        below = None if res.hit or cfg.search_fallback != "trim" else closest_below(res.trace, target)
+        if below is not None:
+            meta["max_merges_per_layer"] = {str(l): c for l, c in caps.items()}
+            return _trimmed(pairs, caps, below, target, meta)
         if not res.hit:
             log.warning("STUN: no threshold keeps exactly %d experts; using tau=%g keeping %d (%s)",
                         target, res.threshold, res.total, res.stop_reason)
-        tau, meta = res.threshold, {"searched": True, **res.as_meta(target)}
     meta["max_merges_per_layer"] = {str(l): c for l, c in caps.items()}
     return {l: C.greedy_clusters(p, tau, caps[l]) for l, p in pairs.items()}, meta
+
+
+def _trimmed(pairs: Mapping[int, C.SortedPairs], caps: Mapping[int, int], below: tuple[float, int],
+             target: int, meta: dict) -> tuple[dict[int, list[list[int]]], dict]:
+    """The ``trim`` fallback: undo the largest-distance merges at τ_below until the target is met."""
+    tau, total = below
+    logs = {l: C.greedy_merges(p, tau, caps[l]) for l, p in pairs.items()}
+    n = {l: p.dist.shape[0] for l, p in pairs.items()}
+    kept = C.trim_merges(logs, sum(n.values()) - target)
+    clusters = {l: C.clusters_from_merges(n[l], kept[l]) for l in pairs}
+    log.info("STUN: no threshold hit %d exactly; tau=%g kept %d, undid %d largest-distance merges",
+             target, tau, total, target - total)
+    meta.update(threshold=tau, achieved_experts=sum(len(c) for c in clusters.values()),
+                fallback_rule="trim: tau with the closest total below the target, then its "
+                              "largest-distance merges over all layers undone (ties: layer, order)",
+                merges_undone=target - total)
+    return clusters, meta
 
 
 def layer_plan(clusters: Sequence[Sequence[int]], weights_of: Callable[[int], list[torch.Tensor]],
