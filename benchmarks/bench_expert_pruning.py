@@ -49,7 +49,8 @@ def run(pruner, model, calib) -> dict:
     plan = pruner.plan(ctx)
     return {"wall": time.perf_counter() - t, "full": ctx.counters.full_model_forwards,
             "moe": ctx.counters.moe_block_forwards, "kept": plan.experts_after,
-            "hit": plan.meta.get("search", {}).get("hit", True)}
+            "hit": plan.meta.get("search", {}).get("hit", True),
+            "rule": (plan.meta.get("search", {}).get("fallback_rule") or "").split(":")[0]}
 
 
 def main() -> None:
@@ -70,7 +71,7 @@ def main() -> None:
                                                  calib_batch_size=args.calib[0]))]
         for name, pruner in rows:
             res = run(pruner, build(n, args.layers), calib)
-            note = "" if res["hit"] else "target missed: nearest total"
+            note = "" if res["hit"] else f"no tau hits the target exactly: '{res['rule']}' fallback"
             print(f"{n:>4} {name:<18} {res['full']:>11} {res['moe']:>11} {res['kept']:>5} {res['wall']:>8.3f}  {note}")
         cand = math.comb(n, r)
         if cand <= args.lu_budget:
