@@ -57,7 +57,6 @@ class CheckpointReader:
     def __init__(self, path: str | Path, layers_path: str = "model.layers") -> None:
         self.path = Path(path)
         self.weight_map = _weight_map(self.path)
-        self._handles: dict[str, Any] = {}
         pat = re.compile(rf"^{re.escape(layers_path)}\.(\d+)\.(.+)$")
         self.layer_keys: dict[int, dict[str, str]] = {}   # layer -> relative name -> full key
         self.global_keys: list[str] = []
@@ -69,33 +68,52 @@ class CheckpointReader:
                 self.global_keys.append(key)
         self.layers_path = layers_path
 
-    def _file(self, key: str) -> Any:
-        name = self.weight_map[key]
-        if name not in self._handles:
-            self._handles[name] = safe_open(str(self.path / name), framework="pt", device="cpu")
-        return self._handles[name]
+    def _open(self, name: str) -> Any:
+        return safe_open(str(self.path / name), framework="pt", device="cpu")
+
+    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors of `keys` as private copies.
+
+        safetensors hands out tensors backed by the file mapping; pages touched through a mapping
+        that stays open count in the process RSS until it is closed, so every read opens the shard,
+        copies, and closes it (the copy also keeps in-place pruning away from the source file).
+        """
+        by_file: dict[str, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.weight_map[k], []).append(k)
+        out: dict[str, torch.Tensor] = {}
+        for name, ks in by_file.items():
+            with self._open(name) as f:
+                for k in ks:
+                    out[k] = f.get_tensor(k).clone()
+        return out
 
     def get(self, key: str) -> torch.Tensor:
-        return self._file(key).get_tensor(key)
+        return self.read([key])[key]
 
     def get_slice(self, key: str, index: int) -> torch.Tensor:
         """``tensor[index]`` read without reading the rest of the tensor."""
-        return self._file(key).get_slice(key)[index]
+        with self._open(self.weight_map[key]) as f:
+            return f.get_slice(key)[index].clone()
 
     def dtype(self) -> torch.dtype:
         """The dtype of the first floating tensor (the checkpoint's storage dtype)."""
-        for key in self.weight_map:
-            t = self._file(key).get_slice(key)
-            dt = _DTYPES.get(t.get_dtype())
-            if dt is not None and dt.is_floating_point:
-                return dt
+        for name in sorted(set(self.weight_map.values())):
+            with self._open(name) as f:
+                for key in f.keys():
+                    dt = _DTYPES.get(f.get_slice(key).get_dtype())
+                    if dt is not None and dt.is_floating_point:
+                        return dt
         return torch.float32
 
     def layer_raw(self, l: int) -> dict[str, torch.Tensor]:
-        return {rel: self.get(full) for rel, full in self.layer_keys.get(l, {}).items()}
+        """Decoder layer l's tensors under their relative (checkpoint-format) names."""
+        keys = self.layer_keys.get(l, {})
+        got = self.read(keys.values())
+        return {rel: got[full] for rel, full in keys.items()}
 
     def globals(self) -> dict[str, torch.Tensor]:
-        return {k: self.get(k) for k in self.global_keys}
+        return self.read(self.global_keys)
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
