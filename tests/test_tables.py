@@ -95,8 +95,8 @@ def test_build_twice_identical_files(runs: Path, tmp_path: Path) -> None:
     d.mkdir()
     import yaml
     (d / "mini.yaml").write_text(yaml.safe_dump(EXP))
-    f1 = build("mini", "toy", runs, tmp_path / "t1", d)
-    f2 = build("mini", "toy", runs, tmp_path / "t2", d)
+    f1 = build("mini", "toy", runs, tmp_path / "t1", d, match="select")
+    f2 = build("mini", "toy", runs, tmp_path / "t2", d, match="select")
     assert [p.name for p in f1] == ["mini_toy.md", "mini_toy.tex", "mini_toy.csv", "mini_toy_acc.png"]
     for a, b in zip(f1, f2):
         assert a.read_bytes() == b.read_bytes(), a.name
@@ -107,8 +107,14 @@ def test_build_twice_identical_files(runs: Path, tmp_path: Path) -> None:
     assert csv[0] == "sparsity,method,Arith,Arith (paper),Δ Arith,Facts,avg,runs"
     assert csv[1].startswith("0.000000,unpruned,80.000000,70.000000,10.000000")
     rc = main(["mini", "--no-run", "--out", str(tmp_path / "t3"), "--out-root", str(runs),
-               "--experiments", str(d)])
+               "--experiments", str(d), "--match", "select"])
     assert rc == 0 and (tmp_path / "t3" / "mini_toy.md").read_text() == EXPECTED_MD
+
+
+def test_hash_matching_keeps_only_the_experiments_own_jobs(runs: Path) -> None:
+    exp = parse_experiment(EXP)
+    df = build_table(exp, collect_runs(runs), "toy", hashes={"h-a/1", "h-c/2"})
+    assert list(df["method"]) == ["unpruned", "Wanda", "STUN+Wanda"] and list(df["runs"]) == [1, 0, 1]
 
 
 def test_unknown_table_and_bad_spec(tmp_path: Path, capsys) -> None:

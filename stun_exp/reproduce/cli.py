@@ -17,8 +17,13 @@ from typing import Optional, Sequence
 from stun_exp.errors import ConfigError
 
 
-def build(exp_name: str, mode: str, runs_root: Path, out: Path, exp_dir: Optional[Path] = None) -> list[Path]:
-    """Build one experiment's table files and plots from the run folders under ``runs_root``."""
+def build(exp_name: str, mode: str, runs_root: Path, out: Path, exp_dir: Optional[Path] = None,
+          match: str = "hash") -> list[Path]:
+    """Build one experiment's table files and plots from the run folders under ``runs_root``.
+
+    match="hash": only runs whose config hash is one of the experiment's jobs (exact settings);
+    match="select": every run matching the experiment's `select` values and methods.
+    """
     from stun_exp.reproduce.collect import collect_runs
     from stun_exp.reproduce.plots import plot
     from stun_exp.reproduce.spec import load_experiment
@@ -26,8 +31,15 @@ def build(exp_name: str, mode: str, runs_root: Path, out: Path, exp_dir: Optiona
 
     exp = load_experiment(exp_name, exp_dir)
     runs = collect_runs(runs_root)
-    df = build_table(exp, runs, mode)
-    n = len(run_rows(exp, runs, mode))
+    hashes = None
+    if match == "hash":
+        from stun_exp.reproduce.launch import expected_hashes
+        hashes, failed = expected_hashes(exp, mode)
+        if failed:
+            print(f"[reproduce] warning: {failed} job(s) of {exp.name}/{mode} could not be composed here; "
+                  "their runs cannot be matched (use --match select)", file=sys.stderr)
+    df = build_table(exp, runs, mode, hashes)
+    n = len(run_rows(exp, runs, mode, hashes))
     stem = out / f"{exp.name}_{mode}"
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -51,6 +63,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--out", default="docs/tables", help="where tables and plots go")
     ap.add_argument("--out-root", default="outputs", help="run folders (the runner's out_root)")
     ap.add_argument("--experiments", default=None, help="folder of experiment YAMLs")
+    ap.add_argument("--match", choices=["hash", "select"], default="hash",
+                    help="hash: only runs of the experiment's own jobs (default); select: any run that "
+                         "matches the experiment's select values and methods")
     return ap.parse_args(argv)
 
 
@@ -72,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           f"{len(r['failed'])} failed: {r['command']}", flush=True)
                     failures += r["failed"] + ([] if r["returncode"] in (0, None) else [r["command"]])
             if not a.dry_run:
-                for p in build(name, a.mode, Path(a.out_root), Path(a.out), exp_dir):
+                for p in build(name, a.mode, Path(a.out_root), Path(a.out), exp_dir, a.match):
                     print(f"[reproduce] wrote {p}", flush=True)
     except ConfigError as e:
         print(f"stun-exp-reproduce: error: {e}", file=sys.stderr)

@@ -46,6 +46,20 @@ def job_hash(overrides: list[str]) -> Optional[str]:
         return None
 
 
+def expected_hashes(exp: Experiment, mode: str) -> tuple[set[str], int]:
+    """Config hashes of every job of the experiment's sweeps in ``mode``, and how many jobs could
+    not be composed here (those cannot be matched by hash)."""
+    out, failed = set(), 0
+    for sweep in exp.modes[mode].sweeps:
+        for job in expand_jobs(sweep):
+            h = job_hash(job)
+            if h is None:
+                failed += 1
+            else:
+                out.add(h)
+    return out, failed
+
+
 def complete_hashes(out_root: Path) -> set[str]:
     out = set()
     for p in sorted(out_root.glob("**/results.json")):

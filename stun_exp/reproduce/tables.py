@@ -44,12 +44,18 @@ def key_path(exp: Experiment, key: str, mode: str) -> Optional[str]:
     return v.get(mode) if isinstance(v, dict) else v
 
 
-def run_rows(exp: Experiment, runs: pd.DataFrame, mode: str) -> list[dict[str, Any]]:
-    """One row per selected run: its row keys and its column values (scaled)."""
+def run_rows(exp: Experiment, runs: pd.DataFrame, mode: str,
+             hashes: Optional[set[str]] = None) -> list[dict[str, Any]]:
+    """One row per selected run: its row keys and its column values (scaled).
+
+    A run is selected when it matches the mode's `select` values and, when ``hashes`` is given (the
+    config hashes of the experiment's own jobs), when its config hash is one of them: then runs
+    made with other settings (another calibration size, say) never leak into the table.
+    """
     sel = exp.modes[mode].select if mode in exp.modes else {}
     out = []
     for rec in runs.to_dict("records") if len(runs) else []:
-        if not matches(rec, sel):
+        if not matches(rec, sel) or (hashes is not None and rec.get("config_hash") not in hashes):
             continue
         m = method_of(exp, rec)
         if m is None:
@@ -146,9 +152,10 @@ def _sort_key(exp: Experiment, key: tuple) -> tuple:
     return tuple(parts)
 
 
-def build_table(exp: Experiment, runs: pd.DataFrame, mode: str) -> pd.DataFrame:
+def build_table(exp: Experiment, runs: pd.DataFrame, mode: str,
+                hashes: Optional[set[str]] = None) -> pd.DataFrame:
     """Index keys, then per column: ours, ``<col> (paper)`` and ``Δ <col>`` (when the paper has it)."""
-    ours = aggregate(exp, run_rows(exp, runs, mode))
+    ours = aggregate(exp, run_rows(exp, runs, mode, hashes))
     add_gap(exp, ours)
     paper = paper_table(exp)
     with_paper = [c for c in exp.column_names() if any(p[c] is not None for p in paper.values())]
