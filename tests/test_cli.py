@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=toy_tiny", "calib.nsamples=4", "calib.seqlen=32", "eval=toy", "eval.limit=8"]
+TINY = ["model=toy_tiny", "calib.nsamples=4", "calib.seqlen=32"]
 
 
 def stun_exp(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -26,7 +26,7 @@ def results(tmp_path: Path) -> list[Path]:
 
 
 def test_single_run_writes_a_complete_run_folder(tmp_path):
-    r = stun_exp([*TINY, "expert_pruner=frequency", "expert_pruner.expert_sparsity=0.25",
+    r = stun_exp([*TINY, "eval=toy", "eval.limit=8", "expert_pruner=frequency", "expert_pruner.expert_sparsity=0.25",
                   "unstructured_pruner=magnitude", "sparsity=0.4", "save_checkpoint=true"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     [res_path] = results(tmp_path)
@@ -46,8 +46,8 @@ def test_single_run_writes_a_complete_run_folder(tmp_path):
 
 
 def test_two_job_multirun_and_resume(tmp_path):
-    args = [*TINY, "eval=none", "expert_pruner=none", "unstructured_pruner=magnitude", "sparsity=null",
-            "hydra.sweep.dir=" + str(tmp_path / "out" / "sweep"), "-m", "unstructured_pruner.sparsity=0.2,0.5"]
+    args = ["-m", *TINY, "eval=none", "expert_pruner=none", "unstructured_pruner=magnitude", "sparsity=null",
+            "hydra.sweep.dir=" + str(tmp_path / "out" / "sweep"), "unstructured_pruner.sparsity=0.2,0.5"]
     r = stun_exp(args, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     res = [json.loads(p.read_text()) for p in results(tmp_path)]

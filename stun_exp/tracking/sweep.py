@@ -57,8 +57,7 @@ def check_run_dir(cfg: DictConfig, run_dir: Path, chash: str) -> Optional[dict[s
 
 def _skipped(run_dir: Path, done: Path, prev: dict[str, Any]) -> dict[str, Any]:
     log.info("skipped: identical config already complete in %s", done)
-    if done != run_dir:
-        atomic_write_json(run_dir / "skipped.json", {"complete_run": str(done), "config_hash": prev["config_hash"]})
+    atomic_write_json(run_dir / "skipped.json", {"complete_run": str(done), "config_hash": prev["config_hash"]})
     prev = dict(prev)
     prev["skipped"] = True
     prev.setdefault("summary", "")
