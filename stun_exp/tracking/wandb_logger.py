@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+INIT_TIMEOUT_S = 30     # an unreachable server in online mode costs at most this, then the run goes on
 
 
 def log_run(logger_cfg: Any, run_dir: str | Path, config: dict, results: dict,
@@ -21,7 +22,8 @@ def log_run(logger_cfg: Any, run_dir: str | Path, config: dict, results: dict,
         os.environ.setdefault("WANDB_SILENT", "true")
         run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, mode=logger_cfg.mode,
                          group=logger_cfg.group, tags=list(logger_cfg.tags or []), config=config,
-                         dir=str(run_dir), name=Path(run_dir).name, reinit="finish_previous")
+                         dir=str(run_dir), name=Path(run_dir).name, reinit="finish_previous",
+                         settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S))
         run.log(_flat(results.get("metrics", {}), "metrics") | _flat(results.get("sparsity", {}), "sparsity")
                 | _flat(results.get("timings", {}), "time"))
         if layer_table:
