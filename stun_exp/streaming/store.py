@@ -43,6 +43,8 @@ class LayerStore:
 
     def __init__(self, path: str | Path, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False,
                  globals_device: str | torch.device = "cpu") -> None:
+        from .memory import bound_allocator
+        bound_allocator()
         self.path = Path(path)
         self.model = build_skeleton(self.path, trust_remote_code)
         self.adapter = get_adapter(self.model)
