@@ -180,3 +180,31 @@ def test_streaming_cuda_bf16_equals_in_memory(tmp_path):
     a, b = model.state_dict(), reloaded.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert res["streaming"]["dtype"] == "torch.bfloat16" and res["streaming"]["peak_live_layers"] == 1
+
+
+def test_run_streaming_from_composed_config(tmp_path):
+    """run_streaming(cfg, run_dir): the root config + runtime=streaming, results.json and checkpoint."""
+    from hydra import compose, initialize_config_dir
+
+    import stun_exp.streaming.config  # noqa: F401  (declares schema_runtime)
+    from stun_exp.config.schema import register_all
+    from stun_exp.streaming import run_streaming
+    src = _save(tmp_path / "src", legacy=True)
+    torch.save(CALIB, tmp_path / "calib.pt")
+    register_all()
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "model=hf", f"model.name_or_path={src}", "calib=tokens", f"calib.path={tmp_path / 'calib.pt'}",
+            "calib.nsamples=4", "calib.seqlen=16", "expert_pruner=stun", "expert_pruner.expert_sparsity=0.25",
+            "unstructured_pruner=wanda", "sparsity=0.5", "eval=none", "dense_baseline=false", "+runtime=streaming"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    res = run_streaming(cfg, str(run_dir))
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["complete"] and saved["streaming"]["peak_live_layers"] == 1
+    assert res["expert_pruning"]["experts_after"] == 12
+    assert 0.4 < res["sparsity"]["decoder_linear"] <= 0.5   # zero-token experts stay dense (leave_dense)
+    assert json.loads((run_dir / "expert_plan.json").read_text())["experts_after"] == 12
+    model, _ = load_pretrained(str(run_dir / "checkpoint"))
+    assert get_adapter(model).num_experts(0) == 6
