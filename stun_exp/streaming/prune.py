@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..context import Counters, RunContext
+from ..context import RunContext
 from ..errors import ConfigError
 from .census import LayerCensus
 from .checkpoint import ShardedWriter
@@ -79,10 +79,10 @@ class _LayerSink:
         self.written.append(l)
 
 
-def _streaming_engine_factory(store: LayerStore, sink: _LayerSink, offload_dir: Optional[str]) -> Any:
+def _streaming_engine_factory(store: LayerStore, sink: _LayerSink, offload_dir: Optional[str], pruner: Any) -> Any:
+    """Stands in for ``UnstructuredPruner._engine``: the pass named ``prune:*`` writes the layers."""
     def make(ctx: Any, desc: str, gram: bool = False) -> StreamingEngine:
-        self = make.pruner
-        return StreamingEngine(store, ctx.calib, ctx.device, self.is_targeted, ctx.counters, gram=gram,
+        return StreamingEngine(store, ctx.calib, ctx.device, pruner.is_targeted, ctx.counters, gram=gram,
                                desc=desc, on_layer_done=sink if desc.startswith("prune") else None,
                                offload_dir=offload_dir)
     return make
@@ -132,9 +132,7 @@ def prune_streaming(src: str | Path, dest: str | Path, expert_pruner: Any = None
         if un is None:
             _write_pass(store, sink)
         else:
-            make = _streaming_engine_factory(store, sink, offload_dir)
-            make.pruner = un
-            un._engine = make
+            un._engine = _streaming_engine_factory(store, sink, offload_dir, un)
             try:
                 report = un.prune(ctx, sparsity=split["unstructured_ratio"] if split else None)
             finally:
