@@ -99,6 +99,17 @@ def _derived(exp: Experiment, row: dict[str, Any], mode: str) -> None:
                 row[c["name"]] = sum(vals) / (len(vals) if op == "mean_of" else 1)
 
 
+def measured_columns(exp: Experiment, mode: str) -> list[str]:
+    """Columns this mode measures (a toy has no MMLU column); derived ones need a measured source."""
+    by_name = {c["name"]: c for c in exp.columns}
+
+    def measured(name: str) -> bool:
+        c = by_name[name]
+        srcs = [s for op in DERIVED for s in c.get(op, [])]
+        return bool(column_path(c, mode)) or any(measured(s) for s in srcs)
+    return [c for c in exp.column_names() if measured(c)]
+
+
 def aggregate(exp: Experiment, rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     """Mean over runs sharing the same row keys (seeds); records how many runs each row has."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -158,19 +169,20 @@ def build_table(exp: Experiment, runs: pd.DataFrame, mode: str,
     ours = aggregate(exp, run_rows(exp, runs, mode, hashes))
     add_gap(exp, ours)
     paper = paper_table(exp)
-    with_paper = [c for c in exp.column_names() if any(p[c] is not None for p in paper.values())]
+    shown = measured_columns(exp, mode)
+    with_paper = [c for c in shown if any(p[c] is not None for p in paper.values())]
     rows = []
     for key in sorted(set(ours) | set(paper), key=lambda k: _sort_key(exp, k)):
         o, p = ours.get(key, {}), paper.get(key, {})
         row: dict[str, Any] = dict(zip(exp.index, key))
-        for c in exp.column_names():
+        for c in shown:
             row[c] = o.get(c)
             if c in with_paper:
                 row[f"{c} (paper)"] = p.get(c)
                 row[f"Δ {c}"] = o[c] - p[c] if o.get(c) is not None and p.get(c) is not None else None
         row[RUNS_COL] = o.get(RUNS_COL) or 0
         rows.append(row)
-    cols = list(exp.index) + [x for c in exp.column_names() for x in
+    cols = list(exp.index) + [x for c in shown for x in
                               ([c, f"{c} (paper)", f"Δ {c}"] if c in with_paper else [c])] + [RUNS_COL]
     return pd.DataFrame(rows, columns=cols)
 
