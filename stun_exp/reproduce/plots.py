@@ -66,12 +66,18 @@ def plot(exp: Experiment, df: pd.DataFrame, spec: dict[str, Any], mode: str, pat
     ours = _series(df, x, y, series, base)
     paper = _series(df, x, f"{y} (paper)", series, base)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # Toy numbers live on another scale than the real model's: the paper's go on a right-hand axis
+    # so that both trends stay readable.
+    pax = ax.twinx() if mode == "toy" and paper and ours else ax
+    ptag = "paper, right axis" if pax is not ax else "paper"
     for i, name in enumerate(dict.fromkeys([*ours, *paper])):
         col = colors[i % len(colors)]
         if name in ours:
             ax.plot(*ours[name], marker="o", color=col, label=f"{name} (ours)")
         if name in paper:
-            ax.plot(*paper[name], marker="s", linestyle="--", color=col, alpha=0.7, label=f"{name} (paper)")
+            pax.plot(*paper[name], marker="s", linestyle="--", color=col, alpha=0.7, label=f"{name} ({ptag})")
+    if pax is not ax:
+        pax.set_ylabel(f"{spec.get('ylabel', y)} (paper)")
     pos = x_positions(df, x)
     if any(float(k) != v if _isnum(k) else True for k, v in pos.items()):
         ax.set_xticks(list(pos.values()), [str(k) for k in pos], fontsize=8)
@@ -80,7 +86,8 @@ def plot(exp: Experiment, df: pd.DataFrame, spec: dict[str, Any], mode: str, pat
     ax.set_title(f"{spec.get('title', exp.title)} [{mode}]", fontsize=10)
     ax.grid(alpha=0.3)
     if ours or paper:
-        ax.legend(fontsize=8)
+        handles = [h for a in {id(ax): ax, id(pax): pax}.values() for h in a.get_legend_handles_labels()[0]]
+        ax.legend(handles=handles, fontsize=7)
     else:
         ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
