@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--config", default="toy", help="conf/model/<name>.yaml")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--train-steps", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--keep", default=None, help="copy the built model dir here")
     ap.add_argument("--lm-eval", action="store_true")
@@ -50,7 +51,7 @@ def main() -> None:
     from stun_exp.toy.build import ensure_toy, read_meta
     raw = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / f"{a.config}.yaml")
     cfg = {k: v for k, v in OmegaConf.to_container(raw).items() if k != "defaults"}
-    cfg.update({k: v for k, v in (("seed", a.seed), ("train_steps", a.train_steps)) if v is not None})
+    cfg.update({k: v for k, v in (("seed", a.seed), ("train_steps", a.train_steps), ("lr", a.lr)) if v is not None})
     tmp = tempfile.mkdtemp(prefix="toy-bench-")
     cfg["cache_dir"] = tmp
     t0 = time.time()

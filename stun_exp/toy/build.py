@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 from stun_exp.toy.config import ToyModelCfg, as_toy_cfg, resolve_cache_dir, weight_fields
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 META = "toy_meta.json"
 BUILD_COUNT = {"pretrain": 0, "finetune": 0}  # trainings run in this process (tests read it)
 

@@ -1,8 +1,8 @@
 """Seeded synthetic multi-domain corpus for the toy MoE.
 
-Five domains give the experts something to specialise in (mix follows
+Five domains give the experts something to specialise in (after
 ``shared/reference/toy_feasibility.md``): GSM8K-style arithmetic word problems (``#### <answer>``
-line), facts about an invented world (statements and Q/A; a quarter of the facts appear only as
+line; 40% of them written as bare drills ``Compute 23+45.``), facts about an invented world (statements and Q/A; a quarter of the facts appear only as
 statements), number comparison, string operations (copy/reverse/sort) and templated sentences.
 
 Held-out split: an item is *held out* when a salted hash of its question text falls in one
@@ -11,6 +11,11 @@ accept only them, so eval arithmetic/comparison questions never appear in traini
 number of generated documents. Facts are the exception by design: the world is finite, so the
 fact task probes memorised knowledge (75% of facts are also asked as Q/A in training, 25% only
 stated). Everything is a pure function of ``seed``: same seed, same text.
+
+Difference from the notes' mix (arith 40 / facts 20 / compare 15 / strings 15 / sentences 10): with
+that mix arithmetic reached only 19-31% exact match at 1400 steps over three seeds (the notes'
+58.5% was one seed), and the string domain is never learned; so arithmetic gets 50% (40% of it as
+drills, which carry more arithmetic per token) and strings/sentences 7.5% each.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 DOMAINS = ("arithmetic", "facts", "compare", "strings", "sentences")
-DEFAULT_MIX = {"arithmetic": 0.40, "facts": 0.20, "compare": 0.15, "strings": 0.15, "sentences": 0.10}
+DEFAULT_MIX = {"arithmetic": 0.50, "facts": 0.20, "compare": 0.15, "strings": 0.075, "sentences": 0.075}
+DRILL_FRAC = 0.4  # share of arithmetic documents written as bare expressions (denser arithmetic signal)
 HELDOUT_MOD = 8  # 1 in 8 question keys is reserved for evaluation
 N_COUNTRIES = 50
 STATEMENT_ONLY_FRAC = 0.25
@@ -102,23 +108,26 @@ def fact_answer(world: World, country: str, rel: str) -> str:
 
 # ---- per-domain item generators (return (key, text) or structured items) -------------------------
 def arith_problem(rng: random.Random) -> dict:
-    """One word problem: 80% one step, 20% two steps; results stay in 0..198."""
+    """One word problem: 80% one step, 20% two steps; results stay in 0..198. ``expr`` is the
+    bare expression (``23+45-12``) used by the drill documents."""
     name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
     a = rng.randint(1, 99)
-    q, work, val = [f"{name} has {a} {obj}."], [], a
+    q, work, val, expr = [f"{name} has {a} {obj}."], [], a, str(a)
     for step in range(1 if rng.random() < 0.8 else 2):
         if val > 1 and rng.random() < 0.5:
             n = rng.randint(1, min(99, val))
             verb, new = rng.choice(SUB_VERBS), val - n
             work.append(f"{val}-{n}={new}.")
+            expr += f"-{n}"
         else:
             n = rng.randint(1, 99)
             verb, new = rng.choice(ADD_VERBS), val + n
             work.append(f"{val}+{n}={new}.")
+            expr += f"+{n}"
         q.append(("Then " if step else "") + f"{name} {verb.format(n=n)}.")
         val = new
     q.append(f"How many {obj} does {name} have now?")
-    return {"question": " ".join(q), "answer": " ".join(work) + f"\n#### {val}", "value": val}
+    return {"question": " ".join(q), "answer": " ".join(work) + f"\n#### {val}", "value": val, "expr": expr}
 
 
 def compare_problem(rng: random.Random, k: int | None = None) -> dict:
@@ -155,10 +164,12 @@ def _qa(q: str, a: str) -> str:
 
 # ---- documents ---------------------------------------------------------------------------------
 def _doc_arith(rng, world, seed, split):
+    drill = rng.random() < DRILL_FRAC
     while True:
         p = arith_problem(rng)
-        if _accept(p["question"], seed, split):
-            return _qa(p["question"], p["answer"])
+        q = f"Compute {p['expr']}." if drill else p["question"]
+        if _accept(q, seed, split):
+            return _qa(q, p["answer"])
 
 
 def _doc_compare(rng, world, seed, split):
