@@ -28,8 +28,10 @@ def _num(v: Any) -> Optional[float]:
 
 def _key(v: Any) -> Any:
     """Canonical row-key value: numbers rounded (0.4 from YAML == 0.4000000001 from a run)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):   # null in YAML / missing in a run
+        return None
     f = _num(v) if not isinstance(v, bool) else None
-    return round(f, 6) if f is not None else (None if v is None else str(v))
+    return round(f, 6) if f is not None else str(v)
 
 
 def method_of(exp: Experiment, rec: dict[str, Any]) -> Optional[dict[str, Any]]:
