@@ -9,10 +9,11 @@ which start at a document start, look like training text.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -34,6 +35,24 @@ def set_threads() -> int:
     n = int(env) if env and env.isdigit() else len(os.sched_getaffinity(0))
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def training_threads() -> Iterator[int]:
+    """``set_threads`` for the duration of a training run, then restore the caller's setting."""
+    before = torch.get_num_threads()
+    try:
+        yield set_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def host_info() -> dict:
+    import platform
+
+    import transformers
+    return {"host_cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
 
 
 def build_tokenizer(cfg: ToyModelCfg) -> PreTrainedTokenizerFast:
@@ -131,7 +150,12 @@ def n_docs_for(steps: int, batch_size: int, seq_len: int) -> int:
 
 def pretrain(cfg: ToyModelCfg) -> tuple[MixtralForCausalLM, PreTrainedTokenizerFast, dict]:
     """Corpus, tokenizer and model from nothing; returns (model, tokenizer, stats)."""
-    threads, t0 = set_threads(), time.time()
+    with training_threads() as threads:
+        return _pretrain(cfg, threads)
+
+
+def _pretrain(cfg: ToyModelCfg, threads: int) -> tuple[MixtralForCausalLM, PreTrainedTokenizerFast, dict]:
+    t0 = time.time()
     tok = build_tokenizer(cfg)
     docs = generate_docs(n_docs_for(cfg.train_steps, cfg.batch_size, cfg.seq_len), cfg.seed, stream="train")
     stream, starts = pack(docs, tok, cfg.seq_len)
@@ -139,13 +163,18 @@ def pretrain(cfg: ToyModelCfg) -> tuple[MixtralForCausalLM, PreTrainedTokenizerF
     model = make_model(cfg, tok)
     stats = train_loop(model, stream, starts, cfg.train_steps, cfg.batch_size, cfg.seq_len, cfg.lr,
                        cfg.seed, desc="toy pretrain")
-    stats.update(prep_seconds=round(prep, 1), corpus_docs=len(docs), corpus_tokens=len(stream), threads=threads)
+    stats.update(prep_seconds=round(prep, 1), corpus_docs=len(docs), corpus_tokens=len(stream), threads=threads,
+                 **host_info())
     return model, tok, stats
 
 
 def finetune(model: MixtralForCausalLM, tok: PreTrainedTokenizerFast, cfg: ToyModelCfg) -> dict:
     """Continue training on one domain only (half the peak lr), for the router-change pair."""
-    set_threads()
+    with training_threads():
+        return _finetune(model, tok, cfg)
+
+
+def _finetune(model: MixtralForCausalLM, tok: PreTrainedTokenizerFast, cfg: ToyModelCfg) -> dict:
     n = n_docs_for(cfg.finetune_steps, cfg.batch_size, cfg.seq_len)
     docs = generate_docs(n, cfg.seed, mix={cfg.finetune_domain: 1.0}, stream="finetune")
     stream, starts = pack(docs, tok, cfg.seq_len)
