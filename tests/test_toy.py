@@ -190,3 +190,18 @@ def test_full_toy_reaches_targets():
     scores = read_meta(ensure_toy(cfg))["dense_scores_quick"]
     assert scores["toy_arith_em"] >= 0.5
     assert scores["toy_facts_acc"] >= 0.55 and scores["toy_compare_acc"] >= 0.55
+
+
+def test_concurrent_builds_train_once(tmp_path):
+    import threading
+
+    from stun_exp.toy import build
+    before, out = build.BUILD_COUNT["pretrain"], []
+    cfg = {**TINY, "train_steps": 3, "cache_dir": str(tmp_path)}
+    threads = [threading.Thread(target=lambda: out.append(build.ensure_toy(cfg))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == 2 and out[0] == out[1]
+    assert build.BUILD_COUNT["pretrain"] == before + 1  # the second waited on the lock, then loaded
