@@ -164,6 +164,9 @@ def peak_memory() -> dict[str, float]:
 
 
 def run_pipeline(cfg: DictConfig, run_dir_s: str | None) -> dict[str, Any]:
+    if cfg.get("runtime") is not None and cfg.runtime.streaming:
+        from stun_exp.streaming import run_streaming
+        return run_streaming(cfg, run_dir_s)
     timer, run_dir = Timer(), (Path(run_dir_s) if run_dir_s else None)
     with timer.stage("validate"):
         info = validate(cfg)

@@ -212,7 +212,7 @@ def test_run_streaming_from_composed_config(tmp_path):
         cfg = compose("config", overrides=[
             "model=hf", f"model.name_or_path={src}", "calib=tokens", f"calib.path={tmp_path / 'calib.pt'}",
             "calib.nsamples=4", "calib.seqlen=16", "expert_pruner=stun", "expert_pruner.expert_sparsity=0.25",
-            "unstructured_pruner=wanda", "sparsity=0.5", "eval=none", "dense_baseline=false", "+runtime=streaming"])
+            "unstructured_pruner=wanda", "sparsity=0.5", "eval=none", "dense_baseline=false", "runtime=streaming"])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     res = run_streaming(cfg, str(run_dir))

@@ -35,6 +35,7 @@ SCHEMA_MODULES = [
     "stun_exp.pruning.weights.configs",
     "stun_exp.distill.configs",
     "stun_exp.evaluation.configs",
+    "stun_exp.streaming.config",
 ]
 
 

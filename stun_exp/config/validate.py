@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from stun_exp.config.core import validate_root
 from stun_exp.errors import ConfigError
 
-GROUPS = ["model", "calib", "expert_pruner", "unstructured_pruner", "distill", "eval", "logger"]
+GROUPS = ["model", "calib", "expert_pruner", "unstructured_pruner", "distill", "eval", "logger", "runtime"]
 
 
 def as_schema(node: DictConfig) -> Any:
