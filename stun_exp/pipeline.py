@@ -71,7 +71,7 @@ def load_model(cfg: DictConfig, device: torch.device) -> tuple[Any, Any, Path | 
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
     model, tok = load_pretrained(cfg.model.name_or_path, dtype=dtype, device=str(device),
-                                 trust_remote_code=cfg.model.trust_remote_code)
+                                 trust_remote_code=cfg.model.trust_remote_code, device_map=cfg.model.device_map)
     return model, tok, None, cfg.model.pretrained_path
 
 

@@ -101,6 +101,7 @@ class HFModel(Validatable):
     trust_remote_code: bool = False
     dtype: str = "auto"            # auto = bf16 on GPU, fp32 on CPU
     pretrained_path: Optional[str] = None   # the pre-fine-tuning model, for router_change
+    device_map: Optional[str] = None        # e.g. "auto": spread a model too big for one GPU (accelerate)
 
     def validate(self, info: Optional[Any] = None, prefix: str = "model") -> None:
         if not self.name_or_path or self.name_or_path == "???":

@@ -133,8 +133,12 @@ def _load_tokenizer(src: str, local: bool, trust_remote_code: bool) -> Any:
 
 
 def load_pretrained(path_or_id: str, dtype: Any = None, device: str = "cpu",
-                    trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
-    """(model in eval mode on `device`, tokenizer or None). Handles per-layer-pruned checkpoints."""
+                    trust_remote_code: bool = False, device_map: Any = None, max_memory: Any = None,
+                    offload_folder: str | None = None) -> tuple[nn.Module, Any]:
+    """(model in eval mode on `device`, tokenizer or None). Handles per-layer-pruned checkpoints.
+
+    ``device_map`` ("auto", "balanced", or an explicit map) places a model that does not fit one
+    device through accelerate (spilling to CPU / ``offload_folder``); ``device`` is then ignored."""
     from transformers import AutoConfig
     src, local = resolve_source(path_or_id)
     config = AutoConfig.from_pretrained(src, local_files_only=local, trust_remote_code=trust_remote_code)
@@ -143,10 +147,12 @@ def load_pretrained(path_or_id: str, dtype: Any = None, device: str = "cpu",
         cls = per_layer_pruned_class(cls)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    if device_map is not None:
+        kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     model = cls.from_pretrained(src, config=config, local_files_only=local,
                                 trust_remote_code=trust_remote_code, **kwargs)
-    model = model.to(device).eval()
+    model = (model if device_map is not None else model.to(device)).eval()
     return model, _load_tokenizer(src, local, trust_remote_code)
 
 
