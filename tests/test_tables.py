@@ -143,16 +143,16 @@ def test_experiment_files_parse(name: str) -> None:
 def test_every_experiment_job_composes() -> None:
     """Each toy and real job of every experiment is a valid stun-exp config (composed + hashed)."""
     from stun_exp.config.schema import register_all
-    from stun_exp.reproduce.launch import job_hash
+    from stun_exp.reproduce.launch import CONF_DIR, job_hashes
     try:
         register_all()
     except Exception as e:  # noqa: BLE001 - another group's schema module is broken, not this code
         pytest.skip(f"config schemas do not register: {type(e).__name__}: {str(e).splitlines()[0]}")
-    jobs = {tuple(j) for n in available() for m in load_experiment(n).modes.values() for s in m.sweeps
-            for j in expand_jobs(s)}
-    from stun_exp.reproduce.launch import CONF_DIR
+    jobs = sorted({tuple(j) for n in available() for m in load_experiment(n).modes.values() for s in m.sweeps
+                   for j in expand_jobs(s)})
     toy_ready = (CONF_DIR / "model" / "toy.yaml").is_file()
-    bad = [j for j in sorted(jobs) if (toy_ready or "model=toy" not in j) and job_hash(list(j)) is None]
+    jobs = [list(j) for j in jobs if toy_ready or "model=toy" not in j]
+    bad = [j for j, h in zip(jobs, job_hashes(jobs)) if h is None]
     assert not bad, bad[:3]
     if not toy_ready:
         pytest.skip("conf/model/toy.yaml not in the repo yet: only the real-model jobs were checked")

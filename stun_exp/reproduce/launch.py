@@ -33,31 +33,36 @@ def expand_jobs(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*choices)]
 
 
-def job_hash(overrides: list[str]) -> Optional[str]:
-    """config_hash of one job's composed config; None when it cannot be composed here."""
+def job_hashes(jobs: list[list[str]]) -> list[Optional[str]]:
+    """config_hash of each job's composed config (None where it cannot be composed here).
+
+    One Hydra initialisation for all jobs: composing is cheap, initialising is not."""
     from hydra import compose, initialize_config_dir
     from stun_exp.config.schema import register_all
     from stun_exp.tracking.run_record import config_hash
     try:
         register_all()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return config_hash(compose(config_name="config", overrides=overrides))
-    except Exception:  # noqa: BLE001 - the runner will report a bad override itself
-        return None
+    except Exception:  # noqa: BLE001 - a broken schema module: nothing can be composed
+        return [None] * len(jobs)
+    out: list[Optional[str]] = []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for job in jobs:
+            try:
+                out.append(config_hash(compose(config_name="config", overrides=job)))
+            except Exception:  # noqa: BLE001 - the runner will report a bad override itself
+                out.append(None)
+    return out
+
+
+def job_hash(overrides: list[str]) -> Optional[str]:
+    return job_hashes([overrides])[0]
 
 
 def expected_hashes(exp: Experiment, mode: str) -> tuple[set[str], int]:
     """Config hashes of every job of the experiment's sweeps in ``mode``, and how many jobs could
     not be composed here (those cannot be matched by hash)."""
-    out, failed = set(), 0
-    for sweep in exp.modes[mode].sweeps:
-        for job in expand_jobs(sweep):
-            h = job_hash(job)
-            if h is None:
-                failed += 1
-            else:
-                out.add(h)
-    return out, failed
+    hashes = job_hashes([job for sweep in exp.modes[mode].sweeps for job in expand_jobs(sweep)])
+    return {h for h in hashes if h is not None}, sum(h is None for h in hashes)
 
 
 def complete_hashes(out_root: Path) -> set[str]:
@@ -96,9 +101,9 @@ def plan_sweeps(exp: Experiment, mode: str, out_root: Path) -> list[tuple[list[s
     done = complete_hashes(out_root)
     plans = []
     for i, sweep in enumerate(exp.modes[mode].sweeps):
-        jobs = expand_jobs(sweep)
-        n_done = sum(1 for j in jobs if (h := job_hash(j)) is not None and h in done)
-        plans.append((sweep_command(exp, mode, i, sweep, out_root), len(jobs), n_done))
+        hashes = job_hashes(expand_jobs(sweep))
+        n_done = sum(1 for h in hashes if h is not None and h in done)
+        plans.append((sweep_command(exp, mode, i, sweep, out_root), len(hashes), n_done))
     return plans
 
 
