@@ -19,7 +19,7 @@ subtract the mean, round to integers r_l; layer l prunes N - r_l of every M.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -27,12 +27,24 @@ from torch import Tensor
 CLAMP_LO, CLAMP_HI = 0.01, 0.99
 
 
-def outlier_ratio(scores: Sequence[Tensor], m: float) -> float:
-    """Percent of pooled scores above m * their mean (OWL's layer outlier ratio D_l)."""
-    if not scores:
+def outlier_ratio(scores: Sequence[Tensor] | Callable[[], Iterable[Tensor]], m: float) -> float:
+    """Percent of pooled scores above m * their mean (OWL's layer outlier ratio D_l).
+
+    Two streaming passes (sum, then count) instead of one concatenated copy: at Arctic scale the
+    pooled scores of a layer are ~55 GB. ``scores`` may be a callable returning a fresh iterable,
+    so that each matrix's scores are computed, used and freed one at a time. The mean is summed
+    in fp64 (the reference concatenates and takes an fp32 mean; the two agree to rounding).
+    """
+    make = scores if callable(scores) else (lambda: scores)
+    total, n = 0.0, 0
+    for s in make():
+        total += float(s.detach().double().sum())
+        n += s.numel()
+    if n == 0:
         return 0.0
-    a = torch.cat([s.detach().float().flatten().cpu() for s in scores])
-    return float((a > m * a.mean()).sum().item()) * 100.0 / a.numel()
+    thr = m * total / n
+    count = sum(int((s.detach().float() > thr).sum()) for s in make())
+    return count * 100.0 / n
 
 
 def _normalise(d: Tensor, span: float) -> Tensor:

@@ -233,9 +233,9 @@ class OWLPruner(UnstructuredPruner):
         wanda = get_score("wanda")
 
         def measure(l: int, targets: list, stats: Optional[dict]) -> bool:
-            scores = [wanda.fn(t.weight, stats[t.name].norm_sq()) for t in targets
-                      if stats[t.name].ntokens > 0]
-            ratios[l] = alloc.outlier_ratio(scores, self.owl_m)
+            live = [t for t in targets if stats[t.name].ntokens > 0]
+            ratios[l] = alloc.outlier_ratio(lambda: (wanda.fn(t.weight, stats[t.name].norm_sq()) for t in live),
+                                            self.owl_m)
             sizes[l] = sum(t.weight.numel() for t in targets)
             return False                       # dense pass: nothing changes, outputs reused
 
