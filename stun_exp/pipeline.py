@@ -32,8 +32,7 @@ class Timer:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        if name != "validate":          # a config error must stay the only line on stderr
-            log.info("stage: %s", name)
+        log.info("stage: %s", name)
         t = time.perf_counter()
         try:
             yield
@@ -163,14 +162,15 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def run_pipeline(cfg: DictConfig, run_dir_s: str | None) -> dict[str, Any]:
+def run_pipeline(cfg: DictConfig, run_dir_s: str | None, info: Any = None) -> dict[str, Any]:
+    """One run. ``info`` is the ModelInfo of an already validated config (validated here if None)."""
     if cfg.get("runtime") is not None and cfg.runtime.streaming:
         from stun_exp.streaming import run_streaming
         return run_streaming(cfg, run_dir_s)
     timer, run_dir = Timer(), (Path(run_dir_s) if run_dir_s else None)
     with timer.stage("validate"):
-        info = validate(cfg)
-        if cfg.eval.name != "none":
+        info = info if info is not None else validate(cfg)
+        if cfg.eval.name != "none":     # every missing dataset named before anything is loaded
             from stun_exp.evaluation import check_available
             check_available(cfg.eval)
     chash = run_record.config_hash(cfg)

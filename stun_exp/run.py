@@ -24,9 +24,13 @@ log = logging.getLogger("stun_exp")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment; returns the results dict that is also written to results.json."""
-    from stun_exp import pipeline  # heavy imports (torch, transformers) only after the CLI parsed
-    return pipeline.run_pipeline(cfg, _run_dir())
+    """Run one experiment; returns the results dict that is also written to results.json.
+
+    Validation runs first and imports nothing heavy, so a bad value costs about a second."""
+    from stun_exp.config.validate import validate
+    info = validate(cfg)
+    from stun_exp import pipeline  # heavy imports (torch, transformers) only once the config is valid
+    return pipeline.run_pipeline(cfg, _run_dir(), info)
 
 
 def _run_dir() -> str | None:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from stun_exp.config.schema import Validatable, check_choice, check_range, schema
 from stun_exp.errors import ConfigError
-from stun_exp.pruning.expert.selection import n_kept, n_removed
+from stun_exp.pruning.expert.counts import n_kept, n_removed
 
 _PKG = "stun_exp.pruning.expert"
 SCOPES = ["layer", "global"]

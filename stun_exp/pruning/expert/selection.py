@@ -26,13 +26,7 @@ from stun_exp.errors import ConfigError
 KEY = "expert_pruner.expert_sparsity"
 
 
-def n_removed(expert_sparsity: float, n: int) -> int:
-    """round-half-up(s·n), see module doc."""
-    return int(math.floor(expert_sparsity * n + 0.5 + 1e-9))
-
-
-def n_kept(expert_sparsity: float, n: int) -> int:
-    return n - n_removed(expert_sparsity, n)
+from stun_exp.pruning.expert.counts import n_kept, n_removed  # noqa: E402,F401 (re-exported)
 
 
 def keep_layerwise(scores: Sequence[float] | torch.Tensor, expert_sparsity: float,
