@@ -24,8 +24,8 @@ def as_schema(node: DictConfig) -> Any:
 
 def toy_info(m: DictConfig) -> Any:
     """The toy's ModelInfo straight from its fields (it is a Mixtral: every layer is MoE)."""
-    from stun_exp.models.adapter import ModelInfo
-    from stun_exp.toy.train import MAX_POSITIONS
+    from stun_exp.models.info import ModelInfo
+    from stun_exp.toy.config import MAX_POSITIONS
     layers = list(range(int(m.num_layers)))
     return ModelInfo("MixtralForCausalLM", len(layers), layers, {l: int(m.num_experts) for l in layers},
                      int(m.top_k), int(m.hidden_size), MAX_POSITIONS)

@@ -63,18 +63,7 @@ class Target:
     matrix: Optional[str] = None
 
 
-@dataclass
-class ModelInfo:
-    """Static facts read from a model config (no weights needed)."""
-    arch: str
-    num_layers: int
-    moe_layers: list[int]
-    experts_per_layer: dict[int, int]
-    top_k: int
-    hidden_size: int
-    max_position_embeddings: int
-    n_group: int = 1
-    extra: dict = field(default_factory=dict)
+from stun_exp.models.info import ModelInfo  # noqa: E402  (torch-free; re-exported)
 
 
 # Config attributes written by surgery (unknown attributes round-trip through config.json).

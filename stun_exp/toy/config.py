@@ -18,6 +18,8 @@ from stun_exp.config.schema import Validatable, check_choice, check_range, schem
 from stun_exp.errors import ConfigError
 from stun_exp.toy.corpus import DOMAINS
 
+MAX_POSITIONS = 512  # > seq_len so lm-eval prompts + generation fit (torch-free: validation reads it)
+
 # Fields that do not change the trained weights (excluded from the cache key).
 NON_WEIGHT_FIELDS = {"kind", "cache_dir", "finetune_domain", "finetune_steps", "eval_after_build"}
 POSITIVE_INTS = ("num_experts", "top_k", "num_layers", "hidden_size", "num_heads",

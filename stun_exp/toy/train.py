@@ -20,13 +20,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
-from stun_exp.toy.config import ToyModelCfg
+from stun_exp.toy.config import MAX_POSITIONS, ToyModelCfg
 from stun_exp.toy.corpus import generate_docs
 from stun_exp.toy.tokenizer import train_tokenizer
 
 AUX_COEF = 0.01
 TOKENIZER_DOCS = 20_000
-MAX_POSITIONS = 512  # > seq_len so lm-eval prompts + generation fit
 
 
 def set_threads() -> int:
