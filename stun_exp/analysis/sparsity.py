@@ -50,7 +50,8 @@ def census(model: torch.nn.Module, adapter: Any) -> dict[str, Any]:
             pl["expert_nz"] += z
     all_numel = sum(p.numel() for p in model.parameters())
     all_nz = sum(_nz(p.data) for p in model.parameters())
-    experts = {l: adapter.num_experts(l) for l in adapter.moe_layers}
+    # zero_output surgery keeps the pruned experts' slots (router untouched): they are not experts
+    experts = {l: adapter.num_experts(l) - len(_zeroed(adapter, l)) for l in adapter.moe_layers}
     k = adapter.top_k
     active_expert = sum(k * v["expert_numel"] / max(experts[l], 1) for l, v in per_layer.items())
     active_expert_nz = sum(k * v["expert_nz"] / max(experts[l], 1) for l, v in per_layer.items())
@@ -62,6 +63,10 @@ def census(model: torch.nn.Module, adapter: Any) -> dict[str, Any]:
         "active_nonzero": all_nz - routed_nz + active_expert_nz,
         "experts": {str(l): n for l, n in experts.items()},
     }
+
+
+def _zeroed(adapter: Any, l: int) -> list[int]:
+    return adapter.pruned_experts(l) if hasattr(adapter, "pruned_experts") else []
 
 
 def sparsity_report(original: dict[str, Any], now: dict[str, Any],

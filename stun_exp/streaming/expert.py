@@ -129,7 +129,7 @@ def _plan_stun(pruner: Any, store: LayerStore, ctx: Any, offload_dir: Optional[s
 
 def _plan_observed(pruner: Any, store: LayerStore, ctx: Any, offload_dir: Optional[str]) -> ExpertPlan:
     """``_ObservedPruner.plan`` with the observer statistics from the streaming pass."""
-    from ..pruning.expert.common import timed
+    from ..pruning.expert.common import routing_groups, timed
     from ..pruning.expert.selection import select
     cfg, a = pruner.cfg, store.adapter
     cfg.validate(a.model_info())
@@ -140,7 +140,7 @@ def _plan_observed(pruner: Any, store: LayerStore, ctx: Any, offload_dir: Option
         stats = calibration_stats(store, ctx.calib, ctx.device, ctx.counters,
                                   keep_logits=pruner.keep_logits, offload_dir=offload_dir)
         scores = pruner.scores(stats, layers)
-        keep = select(scores, cfg.expert_sparsity, a.top_k, cfg.scope)
+        keep = select(scores, cfg.expert_sparsity, a.top_k, cfg.scope, routing_groups(a))
     now = ctx.counters.as_dict()
     meta.update(scores={str(l): [float(x) for x in s] for l, s in scores.items()},
                 forward_passes={k: now[k] - before.get(k, 0) for k in now})
