@@ -13,6 +13,7 @@ Shape (every key is checked on load, errors name the file and the key)::
       - {name: GSM8K, real: metrics.gsm8k/exact_match_strict-match, toy: metrics.toy_arith/exact_match,
          scale: 100}                      # or {name: avg, mean_of: [...]} / sum_of / diff_of: [a, b]
     gap: {key: method, minuend: STUN+OWL, subtrahend: OWL}      # optional extra rows "A - B"
+    std: true                            # optional: "<col> sd" columns, sample std over the runs of a row
     plots: [{file: acc_vs_sparsity, x: sparsity, y: GSM8K, series: method, baseline: unpruned}]
                                           # baseline: that method's points start every other curve
     paper: {source: ..., verified: false, rows: [{sparsity: 0.4, method: OWL, GSM8K: 63.76}, ...]}
@@ -35,7 +36,7 @@ from stun_exp.errors import ConfigError
 
 MODES = ("real", "toy")
 TOP_KEYS = {"name", "title", "description", "index", "keys", "methods", "columns", "gap", "plots", "paper",
-            "modes", "float_format"}
+            "modes", "float_format", "std"}
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Experiment:
     plots: list[dict[str, Any]] = field(default_factory=list)
     gap: Optional[dict[str, Any]] = None
     float_format: str = "{:.2f}"
+    std: bool = False          # also show "<col> sd": the sample std over the runs (seeds) of a row
     path: Optional[str] = None
 
     def column_names(self) -> list[str]:
@@ -97,7 +99,8 @@ def parse_experiment(d: dict[str, Any], where: str = "<dict>") -> Experiment:
     exp = Experiment(name=d["name"], title=d.get("title", d["name"]), index=list(d["index"]),
                      keys=dict(d.get("keys", {})), methods=list(d["methods"]), columns=list(d["columns"]),
                      modes=modes, paper=dict(d.get("paper", {})), plots=list(d.get("plots", [])),
-                     gap=d.get("gap"), float_format=d.get("float_format", "{:.2f}"), path=where)
+                     gap=d.get("gap"), float_format=d.get("float_format", "{:.2f}"),
+                     std=bool(d.get("std", False)), path=where)
     _check(exp, where)
     return exp
 

@@ -7,6 +7,7 @@ twice from the same run folders gives byte-identical Markdown, LaTeX and CSV.
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any, Optional
 
 import pandas as pd
@@ -112,8 +113,13 @@ def measured_columns(exp: Experiment, mode: str) -> list[str]:
     return [c for c in exp.column_names() if measured(c)]
 
 
+def sd_name(col: str) -> str:
+    """Column holding the sample standard deviation of ``col`` over the runs (seeds) of a row."""
+    return f"{col} sd"
+
+
 def aggregate(exp: Experiment, rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """Mean over runs sharing the same row keys (seeds); records how many runs each row has."""
+    """Mean and sample std over runs sharing the same row keys (seeds); records how many runs each row has."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in exp.index), []).append(r)
@@ -123,6 +129,7 @@ def aggregate(exp: Experiment, rows: list[dict[str, Any]]) -> dict[tuple, dict[s
         for c in exp.column_names():
             xs = [r[c] for r in rs if r[c] is not None]
             vals[c] = sum(xs) / len(xs) if xs else None
+            vals[sd_name(c)] = statistics.stdev(xs) if len(xs) > 1 else None
         agg[key] = vals
     return agg
 
@@ -173,19 +180,25 @@ def build_table(exp: Experiment, runs: pd.DataFrame, mode: str,
     paper = paper_table(exp)
     shown = measured_columns(exp, mode)
     with_paper = [c for c in shown if any(p[c] is not None for p in paper.values())]
+    with_sd = [c for c in shown if exp.std and any(o.get(sd_name(c)) is not None for o in ours.values())]
     rows = []
     for key in sorted(set(ours) | set(paper), key=lambda k: _sort_key(exp, k)):
         o, p = ours.get(key, {}), paper.get(key, {})
         row: dict[str, Any] = dict(zip(exp.index, key))
         for c in shown:
             row[c] = o.get(c)
+            if c in with_sd:
+                row[sd_name(c)] = o.get(sd_name(c))
             if c in with_paper:
                 row[f"{c} (paper)"] = p.get(c)
                 row[f"Δ {c}"] = o[c] - p[c] if o.get(c) is not None and p.get(c) is not None else None
         row[RUNS_COL] = o.get(RUNS_COL) or 0
+        if not o and all(p.get(c) is None for c in with_paper):
+            continue    # a paper row with nothing in the columns this mode shows (MMLU-only in toy)
         rows.append(row)
     cols = list(exp.index) + [x for c in shown for x in
-                              ([c, f"{c} (paper)", f"Δ {c}"] if c in with_paper else [c])] + [RUNS_COL]
+                              [c] + ([sd_name(c)] if c in with_sd else [])
+                              + ([f"{c} (paper)", f"Δ {c}"] if c in with_paper else [])] + [RUNS_COL]
     return pd.DataFrame(rows, columns=cols)
 
 
