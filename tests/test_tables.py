@@ -197,3 +197,12 @@ def test_reproduce_launches_then_reuses_runs(tmp_path: Path) -> None:
     (_, jobs, done), = plan_sweeps(load_experiment("mini", d), "toy", tmp_path / "out")
     assert jobs == done == 2
     assert main(args) == 0 and (tmp_path / "t" / "mini_toy.md").read_text() == first
+
+
+def test_std_columns_over_seeds(runs: Path) -> None:
+    exp = parse_experiment(dict(EXP, std=True))
+    df = build_table(exp, collect_runs(runs), "toy")
+    assert "Arith sd" in df.columns and list(df.columns).index("Arith sd") == 3
+    wanda = df[df["method"] == "Wanda"].iloc[0]
+    assert wanda["Arith sd"] == pytest.approx(7.0710678, rel=1e-6)   # stdev(50, 40)
+    assert df[df["method"] == "unpruned"].iloc[0]["Arith sd"] is None  # one run: no sd
