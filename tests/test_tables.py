@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from stun_exp.reproduce.cli import build, main
@@ -205,4 +206,4 @@ def test_std_columns_over_seeds(runs: Path) -> None:
     assert "Arith sd" in df.columns and list(df.columns).index("Arith sd") == 3
     wanda = df[df["method"] == "Wanda"].iloc[0]
     assert wanda["Arith sd"] == pytest.approx(7.0710678, rel=1e-6)   # stdev(50, 40)
-    assert df[df["method"] == "unpruned"].iloc[0]["Arith sd"] is None  # one run: no sd
+    assert pd.isna(df[df["method"] == "unpruned"].iloc[0]["Arith sd"])  # one run: no sd
