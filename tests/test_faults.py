@@ -45,7 +45,7 @@ def test_sigkill_multirun_then_resume_loses_nothing(tmp_path):
     for _ in range(3):                          # kill at random points, several times
         p = subprocess.Popen(_cmd(sweep, out), cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rng.uniform(2.0, 12.0))
+        time.sleep(rng.uniform(4.0, 25.0))     # the 4-job sweep takes ~20-60 s: kills land mid-job
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             kills += 1
