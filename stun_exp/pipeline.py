@@ -172,7 +172,7 @@ def run_pipeline(cfg: DictConfig, run_dir_s: str | None, info: Any = None) -> di
         info = info if info is not None else validate(cfg)
         if cfg.eval.name != "none":     # every missing dataset named before anything is loaded
             from stun_exp.evaluation import check_available
-            check_available(cfg.eval)
+            check_available(cfg.eval, cfg.model)
     chash = run_record.config_hash(cfg)
     if run_dir:
         from stun_exp.tracking.sweep import check_run_dir
@@ -208,9 +208,12 @@ def run_pipeline(cfg: DictConfig, run_dir_s: str | None, info: Any = None) -> di
         kurt["after_unstructured_nonzero"] = kurtosis(ctx, nonzero_only=True) if unstructured else None
     with timer.stage("evaluate"):
         metrics = evaluate(cfg, model, tok, model_dir)
+    eval_settings = metrics.pop("eval_settings", None)
+    dense.pop("eval_settings", None)
     results = {
         "complete": False, "config_hash": chash, "seed": int(cfg.seed),
         "config": run_record.resolved_dict(cfg), "metrics": metrics, "dense_metrics": dense,
+        "eval_settings": eval_settings,
         "sparsity": analysis["sparsity"], "census": analysis["census"], "expert_pruning": expert,
         "unstructured_pruning": _jsonable(unstructured), "distill": distill, "kurtosis": kurt,
         "counters": ctx.counters.as_dict(), "timings": timer.times, "memory": peak_memory(),
@@ -236,11 +239,18 @@ def record(cfg: DictConfig, ctx: RunContext, run_dir: Path, results: dict[str, A
 
 
 def per_layer_table(results: dict[str, Any]) -> list[dict]:
-    exp = results["sparsity"].get("expert_per_layer", {})
+    """One row per MoE layer: experts kept, unstructured sparsity, expert kurtosis before/after."""
+    census, kurt = results["census"], results.get("kurtosis") or {}
+    up = (results.get("unstructured_pruning") or {}).get("per_layer", {})
     rows = []
-    for l, s in exp.items():
-        rows.append({"layer": int(l), "experts_before": results["census"]["dense"]["experts"][l],
-                     "experts_after": results["census"]["pruned"]["experts"][l], "expert_sparsity": s})
+    for l, s in results["sparsity"].get("expert_per_layer", {}).items():
+        row = {"layer": int(l), "experts_before": census["dense"]["experts"][l],
+               "experts_after": census["pruned"]["experts"][l], "expert_sparsity": s,
+               "unstructured_sparsity": up.get(l, {}).get("achieved")}
+        for stage in ("dense", "after_expert", "after_unstructured_nonzero"):
+            per = (kurt.get(stage) or {}).get("per_layer", {}).get(l, {})
+            row[f"kurtosis_{stage}"] = per.get("expert_pooled")
+        rows.append(row)
     return rows
 
 

@@ -36,3 +36,15 @@ def test_wandb_failure_warns_and_continues(tmp_path, monkeypatch, caplog):
 def test_logger_none_does_nothing(tmp_path):
     assert log_run(OmegaConf.create({"name": "none"}), tmp_path, {}, RESULTS) is None
     assert not (tmp_path / "wandb").exists()
+
+
+def test_per_layer_table_joins_experts_sparsity_and_kurtosis():
+    from stun_exp.pipeline import per_layer_table
+    res = {"census": {"dense": {"experts": {"0": 8}}, "pruned": {"experts": {"0": 6}}},
+           "sparsity": {"expert_per_layer": {"0": 0.25}},
+           "unstructured_pruning": {"per_layer": {"0": {"achieved": 0.31}}},
+           "kurtosis": {"dense": {"per_layer": {"0": {"expert_pooled": 3.2}}}, "after_expert": None}}
+    [row] = per_layer_table(res)
+    assert row == {"layer": 0, "experts_before": 8, "experts_after": 6, "expert_sparsity": 0.25,
+                   "unstructured_sparsity": 0.31, "kurtosis_dense": 3.2, "kurtosis_after_expert": None,
+                   "kurtosis_after_unstructured_nonzero": None}

@@ -123,7 +123,7 @@ def load_calibration(cfg: Any, tokenizer: Any, toy_seed: int = 0) -> torch.Tenso
         ds = hub_dataset(cfg.dataset, data_files={cfg.split: cfg.data_files}, split=cfg.split)
         return sample_documents(ds["text"], _encode_fn(tokenizer), n, L, seed)
     if cfg.name == "wikitext2":
-        ds = hub_dataset(cfg.dataset, cfg.subset, split=cfg.split)
+        ds = hub_dataset(cfg.dataset, name=cfg.subset, split=cfg.split)
         stream = _encode_fn(tokenizer)("\n\n".join(ds["text"]))
         return sample_stream(stream, n, L, seed)
     raise ConfigError("calib", cfg.name, ["toy", "c4", "wikitext2", "text", "tokens"])
