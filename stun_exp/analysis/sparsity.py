@@ -104,9 +104,14 @@ def derive_unstructured_ratio(total: float, original: dict[str, Any], adapter: A
     ConfigError when expert pruning alone already exceeds the target or the target is unreachable
     within the unstructured scope.
     """
-    orig = original["decoder_linear_numel"]
     now_nz = sum(_nz(t.weight) for _, t in _targets(adapter))
-    tgt_numel, tgt_zeros = targeted_counts(adapter, is_targeted)
+    return ratio_from_counts(total, original, now_nz, *targeted_counts(adapter, is_targeted))
+
+
+def ratio_from_counts(total: float, original: dict[str, Any], now_nz: int, tgt_numel: int,
+                      tgt_zeros: int) -> dict[str, float]:
+    """``derive_unstructured_ratio`` from counts alone (streaming mode counts layer by layer)."""
+    orig = original["decoder_linear_numel"]
     tgt_nz = tgt_numel - tgt_zeros
     already = 1 - now_nz / orig
     if total < already - 1e-9:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..tracking.files import atomic_replace_dir
 from .adapter import PER_LAYER_KEY, get_adapter
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -165,13 +166,7 @@ def save_pretrained(model: nn.Module, tokenizer: Any, path: str | os.PathLike) -
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-        tmp.rename(dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic_replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

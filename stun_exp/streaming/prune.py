@@ -20,7 +20,6 @@ activations of one layer boundary (on disk with ``offload_dir``) and the statist
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -29,13 +28,14 @@ from typing import Any, Optional
 
 import torch
 
+from ..analysis import sparsity as ledger
 from ..context import RunContext
-from ..errors import ConfigError
 from .census import LayerCensus
 from .checkpoint import ShardedWriter
 from .engine import StreamingEngine
 from .expert import plan_streaming
 from .store import LayerStore
+from ..tracking.files import atomic_replace_dir
 
 log = logging.getLogger("stun_exp")
 
@@ -48,22 +48,6 @@ def census_pass(store: LayerStore, is_targeted: Any = None) -> LayerCensus:
         c.add_layer(store.adapter, l)
         store.release(l)
     return c
-
-
-def derive_ratio(total: float, original: dict, now_nz: int, tgt_numel: int, tgt_zeros: int) -> dict[str, float]:
-    """``sparsity.derive_unstructured_ratio`` from counts (same arithmetic, same errors)."""
-    orig = original["decoder_linear_numel"]
-    tgt_nz = tgt_numel - tgt_zeros
-    already = 1 - now_nz / orig
-    if total < already - 1e-9:
-        raise ConfigError("sparsity", total, f"at least {already:.4f}: expert pruning alone already "
-                          f"removes {already:.2%} of the original decoder Linear weights")
-    r = (total - already) * orig / max(tgt_nz, 1)
-    ratio = (tgt_zeros + r * tgt_nz) / max(tgt_numel, 1)
-    if ratio >= 1:
-        raise ConfigError("sparsity", total, f"a target reachable within the unstructured scope "
-                          f"(it would need {ratio:.2%} of the targeted weights)")
-    return {"total_target": total, "structured_share": already, "unstructured_ratio": ratio}
 
 
 class _LayerSink:
@@ -117,7 +101,7 @@ def prune_streaming(src: str | Path, dest: str | Path, expert_pruner: Any = None
     split = None
     if un is not None and sparsity is not None:
         c = census_pass(store, un.is_targeted)
-        split = derive_ratio(float(sparsity), dense, c.c["dec_nz"], *c.targeted)
+        split = ledger.ratio_from_counts(float(sparsity), dense, c.c["dec_nz"], *c.targeted)
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -146,12 +130,11 @@ def prune_streaming(src: str | Path, dest: str | Path, expert_pruner: Any = None
         writer.close()
         store.model.config.save_pretrained(tmp)
         store.copy_side_files(tmp)
-        _replace(tmp, dest)
+        atomic_replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     now = final.finish(store.model, store.adapter)
-    from ..analysis import sparsity as ledger
     expert = {}
     if plan is not None:
         expert = {"method": plan.method, "experts_before": plan.experts_before,
@@ -167,11 +150,3 @@ def prune_streaming(src: str | Path, dest: str | Path, expert_pruner: Any = None
                           "offload_dir": offload_dir}}
 
 
-def _replace(tmp: Path, dest: Path) -> None:
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        dest.rename(old)
-    tmp.rename(dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
