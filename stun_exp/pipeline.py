@@ -144,7 +144,8 @@ def stage_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
 def analyse(cfg: DictConfig, ctx: RunContext, dense_census: dict, unstructured: dict) -> dict[str, Any]:
     now = ledger.census(ctx.model, ctx.adapter)
     sp = ledger.sparsity_report(dense_census, now, unstructured.get("targeted"))
-    return {"sparsity": sp, "census": {"dense": dense_census, "pruned": now}}
+    return {"sparsity": sp, "census": {"dense": dense_census, "pruned": now},
+            "mask_digest": ledger.mask_digest(ctx.adapter)}
 
 
 def kurtosis(ctx: RunContext, nonzero_only: bool = False) -> dict[str, Any] | None:
@@ -214,7 +215,8 @@ def run_pipeline(cfg: DictConfig, run_dir_s: str | None, info: Any = None) -> di
         "complete": False, "config_hash": chash, "seed": int(cfg.seed),
         "config": run_record.resolved_dict(cfg), "metrics": metrics, "dense_metrics": dense,
         "eval_settings": eval_settings,
-        "sparsity": analysis["sparsity"], "census": analysis["census"], "expert_pruning": expert,
+        "sparsity": analysis["sparsity"], "census": analysis["census"], "mask_digest": analysis["mask_digest"],
+        "expert_pruning": expert,
         "unstructured_pruning": _jsonable(unstructured), "distill": distill, "kurtosis": kurt,
         "counters": ctx.counters.as_dict(), "timings": timer.times, "memory": peak_memory(),
         "environment": run_record.environment(), "run_dir": str(run_dir) if run_dir else None,

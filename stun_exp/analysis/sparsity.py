@@ -124,3 +124,15 @@ def ratio_from_counts(total: float, original: dict[str, Any], now_nz: int, tgt_n
         raise ConfigError("sparsity", total, f"a target reachable within the unstructured scope "
                           f"(it would need {ratio:.2%} of the targeted weights)")
     return {"total_target": total, "structured_share": already, "unstructured_ratio": ratio}
+
+
+def mask_digest(adapter: Any) -> str:
+    """sha256 over the zero patterns of every decoder Linear weight, in target order: two runs
+    with identical masks (and expert layouts) give the same digest."""
+    import hashlib
+    import numpy as np
+    h = hashlib.sha256()
+    for l, t in _targets(adapter):
+        h.update(f"{l}:{t.name}:{tuple(t.weight.shape)}".encode())
+        h.update(np.packbits((t.weight == 0).flatten().cpu().numpy()).tobytes())
+    return h.hexdigest()[:16]
