@@ -43,6 +43,11 @@ BAD_VALUES = [
     (["model.num_experts=1"], "model."),
     (["model=hf", "model.name_or_path=no-such-org/no-such-moe"], "no-such-org/no-such-moe"),
     (["distill=expert_kd", "distill.steps=-1"], "distill.steps"),
+    (["eval=toy", "eval.tasks=[toy_arithh]"], "toy_arith"),
+    (["eval=paper", "eval.tasks=[gsm8kk]"], "gsm8k"),
+    (["eval=ppl", "eval.datasets=[wikitxt2]"], "wikitext2"),
+    (["expert_pruner=stun", "expert_pruner.expert_sparsity=0.25", "expert_pruner.target_experts=20"],
+     "expert_pruner"),
 ]
 
 # Composition errors: unknown group options (with closest match), unknown keys, wrong types.
