@@ -1,7 +1,6 @@
 """The stages of one run, in design.md order. ``run_pipeline`` is what ``stun_exp.run.run`` calls."""
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import resource
@@ -217,7 +216,7 @@ def run_pipeline(cfg: DictConfig, run_dir_s: str | None, info: Any = None) -> di
         "eval_settings": eval_settings,
         "sparsity": analysis["sparsity"], "census": analysis["census"], "mask_digest": analysis["mask_digest"],
         "expert_pruning": expert,
-        "unstructured_pruning": _jsonable(unstructured), "distill": distill, "kurtosis": kurt,
+        "unstructured_pruning": unstructured, "distill": distill, "kurtosis": kurt,
         "counters": ctx.counters.as_dict(), "timings": timer.times, "memory": peak_memory(),
         "environment": run_record.environment(), "run_dir": str(run_dir) if run_dir else None,
     }
@@ -268,6 +267,3 @@ def summary_table(dense: dict, pruned: dict, sp: dict) -> str:
             rows.append({"metric": f"sparsity/{name}", "dense": 0.0, "pruned": sp[name], "delta": sp[name]})
     return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f")
 
-
-def _jsonable(d: dict) -> dict:
-    return copy.deepcopy({k: v for k, v in d.items()})
