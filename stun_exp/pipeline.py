@@ -259,7 +259,7 @@ def summary_table(dense: dict, pruned: dict, sp: dict) -> str:
     """A small Markdown table: dense vs pruned metrics and the sparsity ledger."""
     import pandas as pd
     keys = sorted(k for k in set(dense) | set(pruned) if isinstance(pruned.get(k, dense.get(k)), (int, float))
-                  and not isinstance(pruned.get(k, dense.get(k)), bool))
+                  and not isinstance(pruned.get(k, dense.get(k)), bool) and not k.endswith("_tokens"))
     rows = [{"metric": k, "dense": dense.get(k), "pruned": pruned.get(k),
              "delta": (pruned[k] - dense[k]) if k in dense and k in pruned else None} for k in keys]
     for name in ("decoder_linear", "all_params", "active_params", "targeted", "expert"):
