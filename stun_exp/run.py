@@ -47,7 +47,12 @@ def _is_multirun() -> bool:
         return False
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# An absolute path: Hydra resolves a relative one against the *module* (pkg://stun_exp/../conf) when
+# the app starts from the `stun-exp` console script, and that module does not exist.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_entry(cfg: DictConfig) -> Any:
     try:
         return run(cfg)["summary"]
@@ -66,9 +71,6 @@ def _hydra_entry(cfg: DictConfig) -> Any:
             record_failure(_run_dir(), e)
             return None
         raise
-
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def preflight(argv: list[str]) -> None:

@@ -61,8 +61,13 @@ def test_two_job_multirun_and_resume(tmp_path):
 
 
 def test_bad_value_fails_fast_with_one_line(tmp_path):
+    """Through the installed `stun-exp` console script, from another directory (as a user runs it)."""
+    script = Path(sys.executable).with_name("stun-exp")
+    assert script.is_file(), "the package is not installed with its console script"
+    env = dict(os.environ, STUN_EXP_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     t = time.perf_counter()
-    r = stun_exp(["expert_pruner=frequency", "expert_pruner.expert_sparsity=1.5"], tmp_path)
+    r = subprocess.run([str(script), "expert_pruner=frequency", "expert_pruner.expert_sparsity=1.5"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     elapsed = time.perf_counter() - t
     assert r.returncode == 2
     err = [line for line in r.stderr.splitlines() if line.strip()]
