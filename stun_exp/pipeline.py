@@ -140,18 +140,15 @@ def stage_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     return instantiate(cfg.distill, _convert_="all").distill(ctx)
 
 
-def analyse(cfg: DictConfig, ctx: RunContext, dense_census: dict, unstructured: dict) -> dict[str, Any]:
+def analyse(ctx: RunContext, dense_census: dict, unstructured: dict) -> dict[str, Any]:
     now = ledger.census(ctx.model, ctx.adapter)
     sp = ledger.sparsity_report(dense_census, now, unstructured.get("targeted"))
     return {"sparsity": sp, "census": {"dense": dense_census, "pruned": now},
             "mask_digest": ledger.mask_digest(ctx.adapter)}
 
 
-def kurtosis(ctx: RunContext, nonzero_only: bool = False) -> dict[str, Any] | None:
-    try:
-        from stun_exp.analysis.kurtosis import kurtosis_report
-    except ImportError:
-        return None
+def kurtosis(ctx: RunContext, nonzero_only: bool = False) -> dict[str, Any]:
+    from stun_exp.analysis.kurtosis import kurtosis_report
     return kurtosis_report(ctx.adapter, nonzero_only=nonzero_only)
 
 
@@ -204,7 +201,7 @@ def run_pipeline(cfg: DictConfig, run_dir_s: str | None, info: Any = None) -> di
     with timer.stage("distill"):
         distill = stage_distill(cfg, ctx)
     with timer.stage("analyse"):
-        analysis = analyse(cfg, ctx, dense_census, unstructured)
+        analysis = analyse(ctx, dense_census, unstructured)
         kurt["after_unstructured_nonzero"] = kurtosis(ctx, nonzero_only=True) if unstructured else None
     with timer.stage("evaluate"):
         metrics = evaluate(cfg, model, tok, model_dir)

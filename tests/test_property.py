@@ -4,7 +4,6 @@ No other exception type may escape validation (no TypeError from a None, no trac
 """
 from __future__ import annotations
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hydra import compose, initialize_config_dir
