@@ -25,6 +25,27 @@ class ConfigError(ValueError):
         msg = f"{key}={value!r} is invalid: allowed {allowed_txt}"
         super().__init__(msg + (f" ({hint})" if hint else ""))
 
+    @classmethod
+    def unknown_key(cls, key: str, value: object, known: Iterable[str], where: str = "the config") -> "ConfigError":
+        """A key no schema knows (a typo, or an added ``+key=``), with the closest real key."""
+        known = list(known)
+        leaf, leaves = key.rsplit(".", 1)[-1], {k.rsplit(".", 1)[-1]: k for k in known}
+        close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        hint = f"did you mean '{leaves[close[0]]}'?" if close else f"known keys: {', '.join(known)}"
+        return cls._raw(key, value, f"{key}={value!r}: {where} has no key {leaf!r} ({hint})")
+
+    @classmethod
+    def missing(cls, key: str, where: str = "") -> "ConfigError":
+        """A mandatory value (``???`` in the YAML) left empty."""
+        return cls._raw(key, None, f"{key} is required{where} and has no default: set {key}=<value>")
+
+    @classmethod
+    def _raw(cls, key: str, value: object, message: str) -> "ConfigError":
+        err = cls.__new__(cls)
+        err.key, err.value = key, value
+        ValueError.__init__(err, message)
+        return err
+
 
 class DataError(RuntimeError):
     """Bad data met during a run (NaN/inf weights or activations, missing datasets)."""

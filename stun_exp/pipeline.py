@@ -15,6 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stun_exp.analysis import sparsity as ledger
+from stun_exp.config.sparsity import normalise as normalise_sparsity
+from stun_exp.config.sparsity import resolve as resolve_sparsity
 from stun_exp.config.validate import validate
 from stun_exp.context import RunContext
 from stun_exp.tracking import run_record
@@ -115,23 +117,27 @@ def stage_expert(cfg: DictConfig, ctx: RunContext, run_dir: Path | None) -> dict
             "removal": plan.removal, "meta": plan.meta}
 
 
-def stage_unstructured(cfg: DictConfig, ctx: RunContext, dense_census: dict) -> dict[str, Any]:
+def stage_unstructured(cfg: DictConfig, ctx: RunContext, dense_census: dict, request: Any) -> dict[str, Any]:
     if cfg.unstructured_pruner.name == "none":
-        if cfg.sparsity is not None:
-            log.info("sparsity=%s is a target for the unstructured phase; unstructured_pruner=none, so "
-                     "only the expert phase ran", cfg.sparsity)
         return {}
     pruner = instantiate(cfg.unstructured_pruner, _convert_="all")
     split = None
-    if cfg.sparsity is not None:
-        split = ledger.derive_unstructured_ratio(float(cfg.sparsity), dense_census, ctx.adapter,
-                                                 pruner.is_targeted)
-        log.info("total target %.3f: expert phase %.4f, unstructured ratio %.4f", cfg.sparsity,
+    if request.total is not None:
+        split = ledger.derive_unstructured_ratio(request.total, dense_census, ctx.adapter, pruner.is_targeted)
+        log.info("total target %.3f: expert phase %.4f, unstructured ratio %.4f", request.total,
                  split["structured_share"], split["unstructured_ratio"])
-    report = pruner.prune(ctx, sparsity=split["unstructured_ratio"] if split else None)
+    report = pruner.prune(ctx, sparsity=split["unstructured_ratio"] if split else request.ratio)
     report["split"] = split
     report["targeted"] = ledger.targeted_counts(ctx.adapter, pruner.is_targeted)
     return report
+
+
+def applied_sparsity(request: Any, unstructured: dict, sp: dict) -> dict[str, Any]:
+    """What was asked, what ratio the unstructured pruner applied, and what was achieved."""
+    return {"request": request.as_dict(),
+            "applied_unstructured_ratio": unstructured.get("sparsity"),
+            "achieved_targeted": sp.get("targeted"), "achieved_total": sp.get("decoder_linear"),
+            "achieved_expert": sp.get("expert")}
 
 
 def stage_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
@@ -161,15 +167,19 @@ def peak_memory() -> dict[str, float]:
 
 def run_pipeline(cfg: DictConfig, run_dir_s: str | None, info: Any = None) -> dict[str, Any]:
     """One run. ``info`` is the ModelInfo of an already validated config (validated here if None)."""
-    if cfg.get("runtime") is not None and cfg.runtime.streaming:
-        from stun_exp.streaming import run_streaming
-        return run_streaming(cfg, run_dir_s)
     timer, run_dir = Timer(), (Path(run_dir_s) if run_dir_s else None)
     with timer.stage("validate"):
         info = info if info is not None else validate(cfg)
-        if cfg.eval.name != "none":     # every missing dataset named before anything is loaded
-            from stun_exp.evaluation import check_available
-            check_available(cfg.eval, cfg.model)
+        from stun_exp.config.inputs import check_inputs
+        check_inputs(cfg, info)
+        request = resolve_sparsity(cfg)
+        for knob, src in (("sparsity", request.total_source), ("unstructured_pruner.sparsity", request.ratio_source)):
+            if src.startswith("stepped aside"):
+                log.info("%s: its default %s", knob, src)
+        cfg = normalise_sparsity(cfg, request)
+    if cfg.runtime.streaming:
+        from stun_exp.streaming import run_streaming
+        return run_streaming(cfg, run_dir_s)
     chash = run_record.config_hash(cfg)
     if run_dir:
         from stun_exp.tracking.sweep import check_run_dir
@@ -197,7 +207,7 @@ def run_pipeline(cfg: DictConfig, run_dir_s: str | None, info: Any = None) -> di
         expert = stage_expert(cfg, ctx, run_dir)
     kurt["after_expert"] = kurtosis(ctx) if expert else None
     with timer.stage("unstructured_pruning"):
-        unstructured = stage_unstructured(cfg, ctx, dense_census)
+        unstructured = stage_unstructured(cfg, ctx, dense_census, request)
     with timer.stage("distill"):
         distill = stage_distill(cfg, ctx)
     with timer.stage("analyse"):
@@ -212,6 +222,7 @@ def run_pipeline(cfg: DictConfig, run_dir_s: str | None, info: Any = None) -> di
         "config": run_record.resolved_dict(cfg), "metrics": metrics, "dense_metrics": dense,
         "eval_settings": eval_settings,
         "sparsity": analysis["sparsity"], "census": analysis["census"], "mask_digest": analysis["mask_digest"],
+        "sparsity_applied": applied_sparsity(request, unstructured, analysis["sparsity"]),
         "expert_pruning": expert,
         "unstructured_pruning": unstructured, "distill": distill, "kurtosis": kurt,
         "counters": ctx.counters.as_dict(), "timings": timer.times, "memory": peak_memory(),

@@ -7,7 +7,6 @@ unstructured pruner -> distill -> analyse -> evaluate -> record. Every stage is 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,12 @@ log = logging.getLogger("stun_exp")
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment; returns the results dict that is also written to results.json.
 
-    Validation runs first and imports nothing heavy, so a bad value costs about a second."""
+    Validation runs first and imports nothing heavy, so a bad value costs about a second; files,
+    datasets and sizes are checked next (``config.inputs``), still before any model loads."""
+    from stun_exp.config.inputs import check_inputs
     from stun_exp.config.validate import validate
     info = validate(cfg)
+    check_inputs(cfg, info)
     from stun_exp import pipeline  # heavy imports (torch, transformers) only once the config is valid
     return pipeline.run_pipeline(cfg, _run_dir(), info)
 
@@ -73,39 +75,9 @@ def _hydra_entry(cfg: DictConfig) -> Any:
         raise
 
 
-def preflight(argv: list[str]) -> None:
-    """Compose the config once before Hydra runs, so composition errors (unknown group option,
-    unknown key, wrong type) also come out as one line naming the key, the value and what is
-    allowed. Multirun and --help/--cfg invocations are left to Hydra."""
-    if any(a.startswith("-") for a in argv):
-        return
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose(config_name="config", overrides=argv)
-    except (HydraException, OmegaConfBaseException) as e:
-        print(f"stun-exp: error: {one_line(e, argv)}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-def one_line(e: Exception, argv: list[str]) -> str:
-    """Hydra/OmegaConf composition errors, reduced to one line (+ closest valid option)."""
-    msg = str(e)
-    m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
-    if m:
-        group, value = m.groups()
-        opts = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        return str(ConfigError(group, value, opts))
-    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
-    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
-    head = " ".join(ln for ln in lines if not ln.startswith(("full_key:", "object_type", "reference_type")))
-    return f"{key}: {head}" if key else head
-
-
 def main() -> None:
-    preflight(sys.argv[1:])
+    from stun_exp.config.preflight import preflight
+    preflight(sys.argv[1:], CONF_DIR)
     _hydra_entry()
 
 

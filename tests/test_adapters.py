@@ -143,8 +143,12 @@ def test_unknown_arch_names_supported_and_where_to_add() -> None:
     assert "MixtralForCausalLM" in msg and "ArcticForCausalLM" in msg and "arch_table.py" in msg
 
     from transformers import LlamaConfig
+    unknown_moe = LlamaConfig(num_hidden_layers=2, hidden_size=32)
+    unknown_moe.num_local_experts = 8                 # an MoE config of a class we have no entry for
     with pytest.raises(ConfigError, match="arch_table.py"):
-        model_info_from_config(LlamaConfig(num_hidden_layers=2, hidden_size=32))
+        model_info_from_config(unknown_moe)
+    dense = model_info_from_config(LlamaConfig(num_hidden_layers=2, hidden_size=32))
+    assert dense.moe_layers == [] and dense.top_k == 0 and dense.num_layers == 2
 
 
 def test_model_info_from_config_without_weights() -> None:

@@ -1,4 +1,4 @@
-"""Tiny random-init MoE models of every supported architecture, for tests (CPU, seconds).
+"""Tiny random-init MoE models of every supported architecture (and a dense Llama), for tests.
 
 ``tiny_model(arch, seed=0)`` builds a 2-layer, hidden-32 model with 4-8 experts from a config
 (no download). Routers are re-drawn as N(0, 1) so that routing is decisive (random init gives
@@ -97,6 +97,11 @@ def _arctic():
                                                   num_experts_per_tok=2))
 
 
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(**COMMON, intermediate_size=48))
+
+
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
@@ -111,6 +116,8 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "arctic": _arctic,
 }
 ARCHS = list(BUILDERS)
+# Dense (non-MoE) decoders: only unstructured pruning applies.
+DENSE_BUILDERS: dict[str, Callable[[], nn.Module]] = {"llama": _llama}
 
 
 @torch.no_grad()
@@ -127,10 +134,11 @@ def _sharpen_routers(model: nn.Module, gen: torch.Generator) -> None:
 
 def tiny_model(arch: str, seed: int = 0) -> nn.Module:
     """A 2-layer, hidden-32, random-init model of `arch` (one of ARCHS), eval mode, fp32."""
-    if arch not in BUILDERS:
-        raise KeyError(f"unknown tiny arch {arch!r}; known: {', '.join(ARCHS)}")
+    builders = {**BUILDERS, **DENSE_BUILDERS}
+    if arch not in builders:
+        raise KeyError(f"unknown tiny arch {arch!r}; known: {', '.join(builders)}")
     torch.manual_seed(seed)
-    model = BUILDERS[arch]()
+    model = builders[arch]()
     _sharpen_routers(model, torch.Generator().manual_seed(seed + 1))
     return model.float().eval()
 

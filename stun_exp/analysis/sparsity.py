@@ -78,7 +78,7 @@ def sparsity_report(original: dict[str, Any], now: dict[str, Any],
         "decoder_linear": 1 - now["decoder_linear_nonzero"] / original["decoder_linear_numel"],
         "all_params": 1 - now["all_params_nonzero"] / original["all_params_numel"],
         "active_params": 1 - now["active_nonzero"] / original["active_numel"],
-        "expert": 1 - sum(e1.values()) / max(sum(e0.values()), 1),
+        "expert": (1 - sum(e1.values()) / sum(e0.values())) if e0 else 0.0,   # a dense model has no experts
         "expert_per_layer": {str(l): 1 - e1.get(l, 0) / n for l, n in sorted(e0.items())},
         "experts_before": sum(e0.values()), "experts_after": sum(e1.values()),
     }

@@ -1,11 +1,14 @@
-"""Schemas of the lead-owned groups: calibration sets, real-model configs, loggers, and the root keys."""
+"""Schemas of the calibration sets, the real-model configs, the loggers and the root keys."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+from omegaconf import MISSING
+
 from stun_exp.config.schema import Validatable, check_choice, check_range, schema
-from stun_exp.errors import ConfigError
+from stun_exp.errors import ConfigError, closest
 
 
 # ---- calibration sets -----------------------------------------------------------------------
@@ -21,6 +24,8 @@ class CalibBase(Validatable):
             raise ConfigError(f"{prefix}.nsamples", self.nsamples, "an integer >= 1")
         if self.seqlen < 2:
             raise ConfigError(f"{prefix}.seqlen", self.seqlen, "an integer >= 2")
+        if self.seed < 0:
+            raise ConfigError(f"{prefix}.seed", self.seed, "a non-negative integer")
         if info is not None and self.seqlen > info.max_position_embeddings:
             raise ConfigError(f"{prefix}.seqlen", self.seqlen,
                               f"at most the model's max_position_embeddings ({info.max_position_embeddings})")
@@ -32,6 +37,11 @@ class ToyCalib(CalibBase):
     """Windows of the toy corpus (training split, its own seed)."""
     name: str = "toy"
     n_docs: int = 4000
+
+    def validate(self, info: Optional[Any] = None, prefix: str = "calib") -> None:
+        super().validate(info, prefix)
+        if self.n_docs < 1:
+            raise ConfigError(f"{prefix}.n_docs", self.n_docs, "an integer >= 1")
 
 
 @schema("calib", "c4")
@@ -131,13 +141,54 @@ class WandbLogger(Validatable):
 
 
 # ---- root keys ------------------------------------------------------------------------------
-ROOT_DEVICES = ["cpu", "cuda", "auto"]
+DEVICE_RE = r"^(cpu|auto|cuda(:\d+)?)$"
+
+
+@schema(None, "root")
+@dataclass
+class RootConfig(Validatable):
+    """The top-level keys (typed: ``save_checkpoint=no`` is false, ``sparsity=abc`` is refused at
+    once). Group nodes carry their own schemas; ``+key=...`` with a key no schema knows is refused."""
+    model: Any = MISSING
+    calib: Any = MISSING
+    expert_pruner: Any = MISSING
+    unstructured_pruner: Any = MISSING
+    distill: Any = MISSING
+    eval: Any = MISSING
+    logger: Any = MISSING
+    runtime: Any = MISSING
+    name: str = "run"
+    seed: int = 0
+    sparsity: Optional[float] = None
+    device: str = "cpu"
+    save_checkpoint: bool = False
+    dense_baseline: bool = True
+    resume: bool = False
+    out_root: str = "outputs"
+
+    def validate(self, info: Optional[Any] = None, prefix: str = "") -> None:
+        if self.seed < 0:
+            raise ConfigError("seed", self.seed, "a non-negative integer")
+        if self.sparsity is not None:
+            check_range("sparsity", self.sparsity, 0.0, 1.0)
+        if not re.match(DEVICE_RE, self.device):
+            raise ConfigError("device", self.device, "cpu, cuda, cuda:<index> or auto",
+                              hint=closest(self.device, ROOT_DEVICES).strip(" ()"))
+        if not self.out_root.strip():
+            raise ConfigError("out_root", self.out_root, "a directory path")
+
+
+ROOT_DEVICES = ["cpu", "cuda", "cuda:0", "auto"]
+ROOT_KEYS = [f.name for f in fields(RootConfig)]
 
 
 def validate_root(cfg: Any) -> None:
     """Checks on top-level keys (seed, sparsity, device, ...)."""
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
-        raise ConfigError("seed", cfg.seed, "a non-negative integer")
-    if cfg.sparsity is not None:
-        check_range("sparsity", cfg.sparsity, 0.0, 1.0)
-    check_choice("device", cfg.device, ROOT_DEVICES)
+    node = RootConfig(**{k: cfg.get(k) for k in ROOT_KEYS if k in cfg and not _is_group(k)})
+    node.check_fields()
+    node.validate()
+
+
+def _is_group(key: str) -> bool:
+    return key in ("model", "calib", "expert_pruner", "unstructured_pruner", "distill", "eval", "logger",
+                   "runtime")

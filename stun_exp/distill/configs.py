@@ -43,4 +43,10 @@ class ExpertKDSchema(Validatable):
             raise ConfigError(f"{prefix}.lr", self.lr, "a number > 0")
         if self.lambda_mse < 0:
             raise ConfigError(f"{prefix}.lambda_mse", self.lambda_mse, "a number >= 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{prefix}.weight_decay", self.weight_decay, "a number >= 0")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"{prefix}.max_grad_norm", self.max_grad_norm, "a number > 0, or null (no clipping)")
+        if self.seed < 0:
+            raise ConfigError(f"{prefix}.seed", self.seed, "a non-negative integer")
         check_choice(f"{prefix}.merged_experts", self.merged_experts, ["members", "skip"])

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, closest
-from .arch_table import ARCH_SPECS, CLASS_TO_SPEC, SUPPORTED_CLASSES, ArchSpec, is_moe_layer
+from .arch_table import (ARCH_SPECS, CLASS_TO_SPEC, DENSE_SPEC, EXPERT_COUNT_KEYS, SUPPORTED_CLASSES, ArchSpec,
+                         is_moe_layer)
 from .routing import RouteParams
 from .routing import route as _route
 
@@ -88,6 +89,22 @@ def spec_for_class_names(names: Sequence[str], what: str) -> ArchSpec:
                            f"(plus a tiny model in tests/tiny_models.py){closest(shown, SUPPORTED_CLASSES)}")
 
 
+def _is_dense_config(config: Any) -> bool:
+    """A causal-LM config with no routed-expert count (a dense decoder)."""
+    return not any(int(getattr(config, k, 0) or 0) > 0 for k in EXPERT_COUNT_KEYS)
+
+
+def _is_dense_model(model: nn.Module) -> bool:
+    """Llama-family layout: model.layers[i] with self_attn and an mlp that holds no experts."""
+    try:
+        layers = _get_path(model, DENSE_SPEC.layers_path)
+    except AttributeError:
+        return False
+    return isinstance(layers, nn.ModuleList) and len(layers) > 0 and all(
+        hasattr(l, DENSE_SPEC.attention_attr) and hasattr(l, DENSE_SPEC.moe_attr)
+        and not hasattr(getattr(l, DENSE_SPEC.moe_attr), DENSE_SPEC.experts_attr) for l in layers)
+
+
 def _config_experts(config: Any, spec: ArchSpec) -> int:
     return int(getattr(config, spec.experts_key))
 
@@ -130,6 +147,8 @@ def model_info_from_config(config: Any) -> ModelInfo:
     mt = getattr(config, "model_type", None)
     if mt in ARCH_SPECS:
         names.append(ARCH_SPECS[mt].class_names[0])
+    if not any(n in CLASS_TO_SPEC for n in names) and _is_dense_config(config):
+        return _dense_info(config, names)
     spec = spec_for_class_names(names, f"config model_type={mt!r}")
     n_layers = int(config.num_hidden_layers)
     per_layer = getattr(config, PER_LAYER_KEY, None)
@@ -145,10 +164,19 @@ def model_info_from_config(config: Any) -> ModelInfo:
         extra={"layout": spec.layout, "score": spec.routing.score, "renorm": p.renorm,
                "routed_scaling_factor": p.scaling, "topk_group": p.topk_group,
                "shared_experts": bool(spec.shared_attrs),
+               "vocab_size": getattr(config, "vocab_size", None),
                "experts_original": int(getattr(config, ORIGINAL_KEY, None) or _config_experts(config, spec)),
                "removal": getattr(config, REMOVAL_KEY, None),
                "pruned_experts": {int(k): list(v) for k, v in (getattr(config, PRUNED_KEY, None) or {}).items()}},
     )
+
+
+def _dense_info(config: Any, names: list[str]) -> ModelInfo:
+    return ModelInfo(arch=names[0] if names else str(getattr(config, "model_type", "dense")),
+                     num_layers=int(config.num_hidden_layers), moe_layers=[], experts_per_layer={}, top_k=0,
+                     hidden_size=int(config.hidden_size),
+                     max_position_embeddings=int(getattr(config, "max_position_embeddings", 0) or 0),
+                     extra={"layout": "dense", "vocab_size": getattr(config, "vocab_size", None)})
 
 
 class MoEAdapter:
@@ -174,6 +202,8 @@ class MoEAdapter:
 
     @property
     def top_k(self) -> int:
+        if self.spec is DENSE_SPEC:
+            return 0
         return self.spec.routing.fixed_top_k or int(getattr(self.config, self.spec.topk_key))
 
     def moe_block(self, l: int) -> nn.Module:
@@ -317,6 +347,10 @@ class MoEAdapter:
         return out
 
     def model_info(self) -> ModelInfo:
+        if self.spec is DENSE_SPEC:
+            info = _dense_info(self.config, [type(self.model).__name__])
+            info.extra["class"] = type(self.model).__name__
+            return info
         info = model_info_from_config(self.config)
         info.moe_layers = self.moe_layers
         info.experts_per_layer = {l: self.num_experts(l) for l in info.moe_layers}
@@ -334,4 +368,6 @@ def _linears(module: nn.Module, prefix: str, kind: str) -> list[Target]:
 def get_adapter(model: nn.Module) -> MoEAdapter:
     """The adapter for `model`, matched by class name along its MRO (subclasses made by the loader match)."""
     names = [c.__name__ for c in type(model).__mro__]
+    if not any(n in CLASS_TO_SPEC for n in names) and _is_dense_model(model):
+        return MoEAdapter(model, DENSE_SPEC)
     return MoEAdapter(model, spec_for_class_names(names, f"class {type(model).__name__} is not supported"))

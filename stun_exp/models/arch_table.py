@@ -29,7 +29,7 @@ from typing import Optional
 
 LAYOUTS = ("fused", "fused_transposed_interleaved", "modulelist")
 SCORES = ("softmax", "sigmoid", "topk_softmax", "sparsemixer")
-MOE_LAYER_RULES = ("all", "first_k_dense", "sparse_step", "frequency")
+MOE_LAYER_RULES = ("all", "first_k_dense", "sparse_step", "frequency", "none")
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,19 @@ ARCH_SPECS: dict[str, ArchSpec] = {s.name: s for s in [
 CLASS_TO_SPEC: dict[str, ArchSpec] = {c: s for s in ARCH_SPECS.values() for c in s.class_names}
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(CLASS_TO_SPEC)
 
+# Dense (non-MoE) decoders of the Llama family layout (Llama, Mistral, Qwen2/3, Gemma, Phi-3, ...):
+# ``model.layers[i].self_attn`` and ``.mlp``. Only the unstructured pruners run on them (Wanda's home
+# ground); every expert stage needs one of the MoE entries above.
+DENSE_SPEC = ArchSpec("dense", (), "fused", "", moe_layer_rule="none")
+# Config keys that hold a routed-expert count: a config with any of them is an MoE we do not know.
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
 
 def is_moe_layer(spec: ArchSpec, config: object, idx: int) -> bool:
     """Whether decoder layer ``idx`` holds a MoE block, from the config alone (mirrors each class's __init__)."""
     rule = spec.moe_layer_rule
+    if rule == "none":
+        return False
     if rule == "all":
         return True
     if rule == "first_k_dense":

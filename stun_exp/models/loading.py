@@ -58,6 +58,16 @@ def _is_cached(repo_id: str, filename: str = "config.json") -> bool:
     return isinstance(hit, str)
 
 
+def cached_snapshot(repo_id: str) -> Optional[str]:
+    """The local snapshot folder of a cached hub model (where its config.json lives), or None."""
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:   # malformed repo id, unreadable cache
+        return None
+    return str(Path(hit).parent) if isinstance(hit, str) else None
+
+
 def resolve_source(path_or_id: str) -> tuple[str, bool]:
     """(source, local_files_only). Raises ConfigError at once for an uncached id without network."""
     src = str(path_or_id)

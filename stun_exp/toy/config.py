@@ -63,6 +63,8 @@ class ToyModelCfg(Validatable):
         if self.vocab_size < 64:
             raise ConfigError(f"{prefix}.vocab_size", self.vocab_size, "an integer >= 64")
         check_range(f"{prefix}.lr", self.lr, 0.0, 1.0, lo_open=True)
+        if self.seed < 0:
+            raise ConfigError(f"{prefix}.seed", self.seed, "a non-negative integer")
         check_choice(f"{prefix}.kind", self.kind, ["toy"])
         if self.finetune_domain is not None:
             check_choice(f"{prefix}.finetune_domain", self.finetune_domain, list(DOMAINS))

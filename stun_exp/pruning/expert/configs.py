@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from stun_exp.config.schema import Validatable, check_choice, check_range, schema
 from stun_exp.errors import ConfigError
@@ -62,6 +62,12 @@ class _ScoredConfig(Validatable):
             raise ConfigError(f"{prefix}.calib_batch_size", self.calib_batch_size, "an integer >= 1")
         _check_sparsity_keeps_topk(f"{prefix}.expert_sparsity", self.expert_sparsity, self.scope, info)
 
+    def experts_removed(self, info: Any) -> int:
+        """Experts this config removes from a model with ``info`` (known before the run)."""
+        if self.scope == "layer":
+            return sum(n_removed(self.expert_sparsity, info.experts_per_layer[l]) for l in info.moe_layers)
+        return n_removed(self.expert_sparsity, _total(info))
+
 
 @schema("expert_pruner", "frequency")
 @dataclass
@@ -92,6 +98,11 @@ class RandomConfig(_ScoredConfig):
     name: str = "random"
     seed: int = 0
 
+    def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
+        if self.seed < 0:
+            raise ConfigError(f"{prefix}.seed", self.seed, "a non-negative integer")
+        super().validate(info, prefix)
+
 
 @schema("expert_pruner", "router_change")
 @dataclass
@@ -120,6 +131,8 @@ class LuCombinatorialConfig(_ScoredConfig):
 
     def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
         check_choice(f"{prefix}.variant", self.variant, ["layerwise", "progressive"])
+        if self.max_candidates < 1:
+            raise ConfigError(f"{prefix}.max_candidates", self.max_candidates, "an integer >= 1")
         if self.scope != "layer":
             raise ConfigError(f"{prefix}.scope", self.scope, "layer",
                               "Lu et al. keep the same count r in every layer")
@@ -136,6 +149,7 @@ STUN_DISTANCES = ["router", "coactivation", "mixed"]
 @schema("expert_pruner", "stun")
 @dataclass
 class StunConfig(Validatable):
+    NONFINITE_OK: ClassVar[frozenset[str]] = frozenset({"threshold"})   # inf: merge all the cap allows
     _target_: str = f"{_PKG}.stun.StunPruner"
     name: str = "stun"
     distance: str = "router"
@@ -164,6 +178,16 @@ class StunConfig(Validatable):
         check_choice(f"{prefix}.reconstruct_rule", self.reconstruct_rule, ["layer_clusters", "cluster_size"])
         if self.distance == "mixed" and self.mix_weight is None:
             raise ConfigError(f"{prefix}.mix_weight", None, "a number (λ) when distance=mixed")
+        if self.mix_weight is not None and not self.mix_weight >= 0:
+            raise ConfigError(f"{prefix}.mix_weight", self.mix_weight, "a number >= 0 (λ weights the "
+                              "co-activation term)")
+        if math.isnan(self.threshold) or self.threshold < 0:
+            raise ConfigError(f"{prefix}.threshold", self.threshold, "a distance >= 0, or inf")
+        if self.target_experts is not None and self.target_experts < 1:
+            raise ConfigError(f"{prefix}.target_experts", self.target_experts, "an integer >= 1 or null")
+        if self.reconstruct_max_clusters < 0:
+            raise ConfigError(f"{prefix}.reconstruct_max_clusters", self.reconstruct_max_clusters,
+                              "an integer >= 0")
         if self.target_experts is not None and self.expert_sparsity is not None:
             raise ConfigError(f"{prefix}.target_experts", self.target_experts,
                               "null when expert_sparsity is set (give one of the two)")
@@ -174,8 +198,9 @@ class StunConfig(Validatable):
                               "an integer >= 0 or null (no cap)")
         if self.kappa < 2:
             raise ConfigError(f"{prefix}.kappa", self.kappa, "an integer >= 2")
-        if not self.search_step > 0:
-            raise ConfigError(f"{prefix}.search_step", self.search_step, "a number > 0")
+        for key in ("search_init", "search_step"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{prefix}.{key}", getattr(self, key), "a number > 0")
         for key in ("calib_batch_size", "search_max_iters"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}.{key}", getattr(self, key), "an integer >= 1")
@@ -190,6 +215,11 @@ class StunConfig(Validatable):
         if cap is None:
             cap = n if searching else 1
         return max(0, min(int(cap), n - top_k))
+
+    def experts_removed(self, info: Any) -> Optional[int]:
+        """Experts removed when a target is given; None for a pass at ``threshold`` (known after it)."""
+        target = self.target(info)
+        return None if target is None else _total(info) - target
 
     def target(self, info: Any) -> Optional[int]:
         """Total experts to keep (None = one pass at ``threshold``)."""

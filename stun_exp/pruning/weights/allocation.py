@@ -19,6 +19,7 @@ subtract the mean, round to integers r_l; layer l prunes N - r_l of every M.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -42,6 +43,8 @@ def outlier_ratio(scores: Sequence[Tensor] | Callable[[], Iterable[Tensor]], m: 
         n += s.numel()
     if n == 0:
         return 0.0
+    if not math.isfinite(total):
+        return math.nan            # an overflowing score: the caller stops naming the layer
     thr = m * total / n
     count = sum(int((s.detach().float() > thr).sum()) for s in make())
     return count * 100.0 / n

@@ -27,13 +27,14 @@ Differences from the reference code (locuslab/wanda, luuyin/OWL, thnkinbtfly/STU
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Optional
 
 import torch
 
-from stun_exp.errors import ConfigError
+from stun_exp.errors import ConfigError, DataError
 from stun_exp.pruning.weights import allocation as alloc
-from stun_exp.pruning.weights.engine import SequentialEngine
+from stun_exp.pruning.weights.engine import SequentialEngine, check_finite
 from stun_exp.pruning.weights.masks import apply_mask_, parse_nm, select_mask
 from stun_exp.pruning.weights.scores import get_score, magnitude_score
 from stun_exp.pruning.weights.sparsegpt import sparsegpt_prune
@@ -164,6 +165,7 @@ class UnstructuredPruner:
         w = t.weight
         if self.update == "sparsegpt":
             new, _ = sparsegpt_prune(w, st.gram, s, nm, self.blocksize, self.percdamp)
+            check_finite(new, f"{t.name} (SparseGPT update)")
             w.copy_(new.to(w.dtype))
             return
         stat = None
@@ -172,6 +174,7 @@ class UnstructuredPruner:
         elif self.spec.stat == "gsq":
             stat = st.norm_gsq()
         score = self.spec.fn(w, stat)
+        check_finite(score, f"{t.name} (pruning scores)")
         apply_mask_(w, select_mask(score, s, self.spec.group, nm, self.row_rounding))
 
     # ---- report -------------------------------------------------------------------------------
@@ -236,6 +239,8 @@ class OWLPruner(UnstructuredPruner):
             live = [t for t in targets if stats[t.name].ntokens > 0]
             ratios[l] = alloc.outlier_ratio(lambda: (wanda.fn(t.weight, stats[t.name].norm_sq()) for t in live),
                                             self.owl_m)
+            if not math.isfinite(ratios[l]):
+                raise DataError(f"non-finite OWL outlier ratio in layer {l} ({ratios[l]})")
             sizes[l] = sum(t.weight.numel() for t in targets)
             return False                       # dense pass: nothing changes, outputs reused
 
