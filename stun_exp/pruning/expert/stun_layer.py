@@ -9,13 +9,18 @@ reconstruction rules. Only τ becomes per layer:
 
 1. Warm start: the authors' global search for the total Σ t_l (``stun.cluster_layers``) gives τ_g.
 2. Per layer, the authors' expanding-then-halving search (``search.search_threshold``) for that
-   layer's cluster count, started at τ_g. A layer that already has t_l clusters at τ_g keeps exactly
-   the global clustering, so ``scope=layer`` equals ``scope=global`` whenever the global search hits
-   its total at a τ where every layer has its target.
+   layer's cluster count, started at τ_g. A layer that already has t_l clusters at τ_g keeps the
+   clustering the greedy gives there, so ``scope=layer`` equals ``scope=global`` whenever the global
+   search hits its total at a τ where every layer has its target.
 3. No τ gives t_l exactly: the ``trim`` rule of the global search, within the layer — take the τ
    tried whose count is closest below t_l and undo its largest-distance merges until t_l remain (a
    prefix of that τ's merge sequence). If no τ tried went below t_l, the greedy merges run at τ = ∞
-   and stop at t_l (``stop_at_target``); this needs no search and is exact.
+   and stop at t_l (``stop_at_target``: at τ = ∞ the star check accepts every pair, so this is exact).
+
+Why a τ per layer rather than the other natural rule, one shared τ with each layer's greedy stopped at
+t_l: the search would then only ever move τ up (a stopped greedy never goes below t_l) and settle on
+a coarse, large τ whose loose star check accepts merges the method refuses at the τ that gives t_l.
+A per-layer τ keeps what τ means in the method.
 
 Layers of a group-limited router (DeepSeek ``n_group`` > 1) are searched per routing group (t_l/n_group
 clusters each; the layer's removed count must divide evenly), which keeps the groups balanced as
