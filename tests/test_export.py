@@ -39,8 +39,18 @@ def _owner(f):
     return f.__module__ if isinstance(f, type) else type(f).__module__
 sys.meta_path[:] = [f for f in sys.meta_path if not _owner(f).startswith("__editable__")]
 sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
-sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or os.getcwd(), "stun_exp"))
-               and not os.path.isfile(os.path.join(p or os.getcwd(), "tests", "arctic_like.py"))]
+def _has(p, *parts):
+    return os.path.exists(os.path.join(p or os.getcwd(), *parts))
+# the repository (and any folder holding the package) leaves sys.path; a site-packages folder that holds
+# a non-editable install next to torch stays, with the package itself blocked
+blocked = any(_has(p, "stun_exp") and _has(p, "torch") for p in sys.path)
+sys.path[:] = [p for p in sys.path if _has(p, "torch") or not (_has(p, "stun_exp") or _has(p, "tests", "arctic_like.py"))]
+class _Block:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if blocked and name.split(".")[0] == "stun_exp":
+            raise ImportError(name)
+sys.meta_path.insert(0, _Block)
 sys.path_importer_cache.clear()
 out = {}
 for name in ("stun_exp", "tests.arctic_like"):
