@@ -1,14 +1,17 @@
 """Load / save (possibly expert-pruned) causal LMs: local dirs or Hub ids, never hanging offline.
 
-What plain ``AutoModelForCausalLM.from_pretrained(dir)`` can load after our surgery:
+What plain ``AutoModelForCausalLM.from_pretrained(dir)`` can load after our surgery (``save_pretrained``
+below writes the checkpoint through ``export.py``):
 - ``zero_output`` models: yes (no shape changes; pruned experts are zeros in the checkpoint).
-- ``slice_router`` with the SAME count in every MoE layer: yes (surgery rewrites the global
-  expert-count key, e.g. ``num_local_experts``), and so can vLLM-style loaders.
-- ``slice_router`` with DIFFERENT counts per layer: no. It raises a size-mismatch error;
-  ``ignore_mismatched_sizes=True`` would "load" by silently re-initialising the pruned layers, so we
-  never use it. ``load_pretrained`` below handles it: it subclasses the model class so that
-  ``__init__`` shrinks each layer to ``config.num_experts_per_layer`` before the weights load,
-  which keeps transformers' own key conversion (legacy per-expert keys included) and loading.
+- ``slice_router`` with the SAME count in every MoE layer: yes (the config's one expert-count key is
+  set, e.g. ``num_local_experts``), and so can vLLM-style loaders.
+- ``slice_router`` with DIFFERENT counts per layer: with ``trust_remote_code=True`` (the checkpoint
+  carries ``modeling_pruned_moe.py``); without it transformers raises a size-mismatch error
+  (``ignore_mismatched_sizes=True`` would "load" by silently re-initialising the pruned layers, so we
+  never use it). ``load_pretrained`` below needs no remote code: it subclasses the model class so
+  that ``__init__`` shrinks each layer to ``config.num_experts_per_layer`` before the weights load,
+  which keeps transformers' own key conversion (legacy per-expert keys included) and loading; it
+  reads checkpoints written before the code was added to the folder as well.
 - ``output_router_logits=True`` fails on non-uniform models (the aux loss uses the global count).
 
 Hub ids: the local HF cache is checked first (``try_to_load_from_cache``); a model that is not
@@ -18,9 +21,7 @@ Hub is unreachable (a 3 s socket probe replaces huggingface_hub's ~24 s of retri
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -29,7 +30,6 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..tracking.files import atomic_replace_dir
 from .adapter import PER_LAYER_KEY, get_adapter
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -167,17 +167,10 @@ def load_pretrained(path_or_id: str, dtype: Any = None, device: str = "cpu",
     return model, _load_tokenizer(src, local, trust_remote_code)
 
 
-def save_pretrained(model: nn.Module, tokenizer: Any, path: str | os.PathLike) -> Path:
-    """Atomic save: write into a temp dir beside `path`, then rename over it."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        atomic_replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+def save_pretrained(model: nn.Module, tokenizer: Any, path: str | os.PathLike,
+                    report: Optional[dict] = None) -> Path:
+    """Atomic save of a (pruned) model that loads without stun-exp (see ``export.py``): vanilla config
+    when every MoE layer keeps the same count, its own modeling code otherwise, plus ``PRUNING.md``
+    (``report``: the run's results, optional)."""
+    from .export import save_pruned
+    return save_pruned(model, tokenizer, path, report)

@@ -11,7 +11,8 @@
    ``StreamingEngine`` (so OWL's dense outlier pass and SparseGPT run unchanged). The pass whose
    description starts with ``prune`` writes each processed layer to ``dest`` (one shard per layer);
    with ``unstructured_pruner=None`` a plain read-apply-write pass does it.
-6. globals copied, config (per-layer expert counts) and side files (tokenizer, remote code) saved,
+6. globals copied, side files (tokenizer, remote code) copied, config and ``PRUNING.md`` written by
+   ``models.export.finalize_checkpoint_dir`` (vanilla when uniform, own modeling code otherwise),
    index written; everything lands in a temporary folder renamed to ``dest`` at the end.
 
 Peak memory: one decoder layer (plus its expert plan applied), the globals, the calibration
@@ -27,9 +28,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from omegaconf import OmegaConf
 
 from ..analysis import sparsity as ledger
 from ..context import RunContext
+from ..models.export import finalize_checkpoint_dir
 from .census import LayerCensus
 from .checkpoint import ShardedWriter
 from .engine import StreamingEngine
@@ -128,17 +131,21 @@ def prune_streaming(src: str | Path, dest: str | Path, expert_pruner: Any = None
             raise RuntimeError(f"streaming wrote layers {sink.written}, expected each of 0..{n_layers - 1} once")
         writer.write(store.global_state())
         writer.close()
-        store.model.config.save_pretrained(tmp)
+        now = final.finish(store.model, store.adapter)
+        expert = {}
+        if plan is not None:
+            expert = {"method": plan.method, "experts_before": plan.experts_before,
+                      "experts_after": plan.experts_after, "removal": plan.removal, "meta": plan.meta}
         store.copy_side_files(tmp)
+        # config (vanilla when uniform, else with its own modeling code) and PRUNING.md, as in memory
+        card = {"config": OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg or {}),
+                "expert_pruning": expert, "unstructured_pruning": report,
+                "sparsity": ledger.sparsity_report(dense, now, report.get("targeted"))}
+        finalize_checkpoint_dir(tmp, store.model.config, type(store.model), card)
         atomic_replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    now = final.finish(store.model, store.adapter)
-    expert = {}
-    if plan is not None:
-        expert = {"method": plan.method, "experts_before": plan.experts_before,
-                  "experts_after": plan.experts_after, "removal": plan.removal, "meta": plan.meta}
     times["total"] = round(time.perf_counter() - t0, 3)
     return {"expert_plan": plan, "expert_pruning": expert, "unstructured_pruning": report,
             "sparsity": ledger.sparsity_report(dense, now, report.get("targeted")),

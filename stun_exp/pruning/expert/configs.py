@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Optional
 
 from stun_exp.config.schema import Validatable, check_choice, check_range, schema
 from stun_exp.errors import ConfigError
-from stun_exp.pruning.expert.counts import n_kept, n_removed
+from stun_exp.pruning.expert.counts import group_floor, n_kept, n_removed
 
 _PKG = "stun_exp.pruning.expert"
 SCOPES = ["layer", "global"]
@@ -146,6 +146,28 @@ class LuCombinatorialConfig(_ScoredConfig):
 STUN_DISTANCES = ["router", "coactivation", "mixed"]
 
 
+def _check_layer_counts(key: str, s: float, info: Any) -> None:
+    """STUN scope=layer: every layer keeps >= top_k; group-routed layers split evenly into their groups."""
+    from stun_exp.models.arch_table import ARCH_SPECS
+    _check_sparsity_keeps_topk(key, s, "layer", info)
+    g = int(info.n_group or 1)
+    if g <= 1:
+        return
+    rule = ARCH_SPECS[info.arch].routing.group if info.arch in ARCH_SPECS else None
+    topk_group = int(info.extra.get("topk_group", 1) or 1)
+    for l in info.moe_layers:
+        n = info.experts_per_layer[l]
+        kept = n_kept(s, n)
+        per = kept // g
+        if n % g or kept % g:
+            raise ConfigError(key, s, f"a fraction whose kept count is divisible by n_group={g} (layer {l} "
+                              f"keeps {kept} of {n}; group routing needs the same count in every group)")
+        least = max(group_floor(g, info.top_k, rule), -(-info.top_k // topk_group))
+        if per < least:
+            raise ConfigError(key, s, f"a fraction keeping >= {least} experts per routing group (layer {l}: "
+                              f"{per}; n_group={g}, topk_group={topk_group}, top_k={info.top_k})")
+
+
 @schema("expert_pruner", "stun")
 @dataclass
 class StunConfig(Validatable):
@@ -171,11 +193,17 @@ class StunConfig(Validatable):
     search_max_iters: int = 100
     search_fallback: str = "trim"                # trim (exact target) | nearest (see search.py)
     calib_batch_size: int = 8
+    # global: the authors' one τ for all layers (counts differ per layer); layer: every MoE layer keeps
+    # n - round-half-up(expert_sparsity * n) experts (stun_layer.py)
+    scope: str = "global"
 
     def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
         check_choice(f"{prefix}.distance", self.distance, STUN_DISTANCES)
         check_choice(f"{prefix}.search_fallback", self.search_fallback, ["trim", "nearest"])
         check_choice(f"{prefix}.reconstruct_rule", self.reconstruct_rule, ["layer_clusters", "cluster_size"])
+        check_choice(f"{prefix}.scope", self.scope, SCOPES)
+        if self.scope == "layer":
+            self._check_layer_fields(prefix)
         if self.distance == "mixed" and self.mix_weight is None:
             raise ConfigError(f"{prefix}.mix_weight", None, "a number (λ) when distance=mixed")
         if self.mix_weight is not None and not self.mix_weight >= 0:
@@ -204,8 +232,27 @@ class StunConfig(Validatable):
         for key in ("calib_batch_size", "search_max_iters"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}.{key}", getattr(self, key), "an integer >= 1")
-        if info is not None:
+        if info is not None and self.scope == "layer":
+            _check_layer_counts(f"{prefix}.expert_sparsity", self.expert_sparsity, info)
+        elif info is not None:
             self._check_target(info, prefix)
+
+    def _check_layer_fields(self, prefix: str) -> None:
+        """scope=layer fixes every layer's count from expert_sparsity; fields that would compete refuse."""
+        why = "scope=layer: each MoE layer keeps n - round-half-up(expert_sparsity * n) experts"
+        if self.target_experts is not None:
+            raise ConfigError(f"{prefix}.target_experts", self.target_experts,
+                              f"null ({why}; a total over all layers is scope=global)")
+        if self.expert_sparsity is None:
+            raise ConfigError(f"{prefix}.expert_sparsity", None, f"a fraction in [0, 1) ({why})")
+        if not (isinstance(self.threshold, (int, float)) and math.isinf(self.threshold) and self.threshold > 0):
+            raise ConfigError(f"{prefix}.threshold", self.threshold, f".inf ({why}; τ is searched per layer)")
+        if self.max_merges_per_layer is not None:
+            raise ConfigError(f"{prefix}.max_merges_per_layer", self.max_merges_per_layer,
+                              f"null ({why}, i.e. exactly that many merges)")
+        if self.search_fallback != "trim":
+            raise ConfigError(f"{prefix}.search_fallback", self.search_fallback,
+                              f"trim ({why}; nearest may miss a layer's count)")
 
     def merge_cap(self, n: int, top_k: int, searching: bool) -> int:
         """Merges allowed in a layer of n experts: the configured cap (null: 1 for a single pass,

@@ -6,6 +6,13 @@ global threshold τ, then one surviving expert per cluster: the member closest t
 weights (kept unchanged, with its router row) or, under the reconstruction rule, the average expert
 (surgery averages weights and router rows). Math lives in ``clustering.py`` and ``search.py``.
 
+``scope: global`` (default) is the authors' method: one τ for all layers, so layers keep different
+counts. ``scope: layer`` (our extension, ``stun_layer.py``) keeps n − round-half-up(s·n) experts in
+every layer (the rounding of every expert pruner, ``counts.py``) with the same distance, clustering,
+representative and reconstruction rules: the authors' τ search runs per layer, started at the global
+τ (a layer whose count is already right there keeps the global clustering), with the ``trim`` rule
+inside the layer when no τ hits; the rule and each layer's τ are in ``plan.meta['search']``.
+
 Differences from the reference, all deliberate:
 * Co-activation uses the observer's top-k pair counts, i.e. the model's own routing. For softmax
   top-2 routers (Mixtral, Arctic) this is exactly the reference's statistic (top-2 of softmax of the
@@ -37,8 +44,11 @@ from stun_exp.errors import ConfigError
 from stun_exp.pruning.expert import clustering as C
 from stun_exp.pruning.expert.common import counters_delta, observe, router_weights, routing_groups, stat, timed
 from stun_exp.pruning.expert.configs import StunConfig
+from stun_exp.pruning.expert.counts import n_kept
 from stun_exp.pruning.expert.plan import ExpertPlan, LayerPlan
 from stun_exp.pruning.expert.search import closest_below, search_threshold
+from stun_exp.pruning.expert.stun_layer import RULE as LAYER_RULE
+from stun_exp.pruning.expert.stun_layer import cluster_per_layer
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +87,20 @@ def cluster_layers(dists: Mapping[int, torch.Tensor], cfg: StunConfig, target: O
                         target, res.threshold, res.total, res.stop_reason)
     meta["max_merges_per_layer"] = {str(l): c for l, c in caps.items()}
     return {l: C.greedy_clusters(p, tau, caps[l]) for l, p in pairs.items()}, meta
+
+
+def cluster_layers_uniform(dists: Mapping[int, torch.Tensor], cfg: StunConfig, top_k: int,
+                           groups: Mapping[int, int], group_rule: Optional[str]) -> tuple[dict, dict]:
+    """``scope: layer``: every layer keeps n_kept(s, n) clusters (``stun_layer.py``)."""
+    targets = {l: n_kept(cfg.expert_sparsity, d.shape[0]) for l, d in dists.items()}
+    _, warm = cluster_layers(dists, cfg, sum(targets.values()), top_k)
+    clusters, per_layer = cluster_per_layer(dists, targets, groups, top_k, group_rule, float(warm["threshold"]),
+                                            cfg.search_step, cfg.search_max_iters)
+    meta = {"searched": True, "scope": "layer", "rule": LAYER_RULE,
+            "target_experts": sum(targets.values()), "achieved_experts": sum(len(c) for c in clusters.values()),
+            "global_warm_start": {k: warm.get(k) for k in ("threshold", "hit", "achieved_experts")},
+            "per_layer": per_layer}
+    return clusters, meta
 
 
 def _trimmed(pairs: Mapping[int, C.SortedPairs], caps: Mapping[int, int], below: tuple[float, int],
@@ -160,7 +184,7 @@ class StunPruner:
         cfg, a = self.cfg, ctx.adapter
         info = a.model_info()
         cfg.validate(info)
-        meta: dict[str, Any] = {"distance": cfg.distance}
+        meta: dict[str, Any] = {"distance": cfg.distance, "scope": cfg.scope}
         before = ctx.counters.as_dict()
         with timed(meta):
             routers = router_weights(a) if cfg.distance in ("router", "mixed") else {}
@@ -168,7 +192,11 @@ class StunPruner:
             groups = routing_groups(a)
             dists = {l: mask_cross_group(layer_distance(cfg, routers.get(l), coact.get(l)), groups[l])
                      for l in a.moe_layers}
-            clusters, meta["search"] = cluster_layers(dists, cfg, cfg.target(info), a.top_k)
+            if cfg.scope == "layer":
+                clusters, meta["search"] = cluster_layers_uniform(dists, cfg, a.top_k, groups,
+                                                                  a.spec.routing.group)
+            else:
+                clusters, meta["search"] = cluster_layers(dists, cfg, cfg.target(info), a.top_k)
             check_balanced(clusters, groups, {l: a.num_experts(l) for l in a.moe_layers})
 
             def weights_of(l: int) -> Callable[[int], list[torch.Tensor]]:
