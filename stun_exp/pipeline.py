@@ -239,7 +239,7 @@ def record(cfg: DictConfig, ctx: RunContext, run_dir: Path, results: dict[str, A
     """Local files first (checkpoint, results.json with complete=true last), then W&B."""
     if cfg.save_checkpoint:
         from stun_exp.models.loading import save_pretrained
-        save_pretrained(ctx.model, ctx.tokenizer, run_dir / "checkpoint")
+        save_pretrained(ctx.model, ctx.tokenizer, run_dir / "checkpoint", report=results)
     results["complete"] = True
     run_record.write_results(run_dir, results)
     from stun_exp.tracking.wandb_logger import log_run
