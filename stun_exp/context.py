@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -31,3 +31,19 @@ class RunContext:
     counters: Counters = field(default_factory=Counters)
     dense_state: Optional[dict] = None # original (dense) state dict on CPU when a later stage needs it (KD)
     info: dict = field(default_factory=dict)   # free-form facts stages hand to later stages / results
+    runtime: Any = None                # stun_exp.runtime.Runtime: how layers are materialised (None: in memory)
+    on_progress: Optional[Callable[[str, dict], None]] = None   # stage progress as it happens (W&B)
+
+    def progress(self, stage: str, row: dict) -> None:
+        """Report a result as soon as it exists (a pruned layer, a plan); never fails the run."""
+        if self.on_progress is not None:
+            self.on_progress(stage, row)
+
+    def make_engine(self, desc: str, select: Callable[[Any], bool], gram: bool = False,
+                    final: bool = False) -> Any:
+        """The sequential layer engine of this run's runtime (in memory when no runtime is set)."""
+        if self.runtime is not None:
+            return self.runtime.make_engine(self, desc, select, gram=gram, final=final)
+        from stun_exp.pruning.weights.engine import SequentialEngine
+        return SequentialEngine(self.model, self.adapter, self.calib, self.device, select, self.counters,
+                                gram=gram, desc=desc)

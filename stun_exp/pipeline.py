@@ -1,4 +1,21 @@
-"""The stages of one run, in design.md order. ``run_pipeline`` is what ``stun_exp.run.run`` calls."""
+"""The stages of one run, written once for every runtime. ``run_pipeline`` is what ``run.run`` calls.
+
+    validate   values, files, datasets, sizes (before anything loads); the sparsity knob that applies
+    resume     a finished identical run is skipped (``resume=true``), a finished folder is never reused
+    model      the runtime loads the tokenizer, the calibration set, then the model
+    dense      census, kurtosis and the dense baseline (cached per model + eval for the toy)
+    expert     the expert pruner's plan (by what it needs), applied by surgery
+    unstructured   the unstructured pruner on the sequential layer engine the runtime provides
+    distill    optional expert-wise distillation (in memory)
+    write      streaming: every layer written; in memory: nothing
+    analyse    the sparsity ledger, kurtosis of the non-zero weights, mask digest
+    save       the checkpoint (``save_checkpoint``; streaming always writes one) with PRUNING.md
+    evaluate   lm-eval / perplexity of the pruned model
+    record     results.json (complete=true last), then W&B
+
+The runtime (``runtime.py``) decides how the model is held: whole in memory, or one decoder layer at
+a time from its checkpoint (``runtime=streaming``). W&B sees the run from its start.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,29 +24,33 @@ import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stun_exp.analysis import sparsity as ledger
+from stun_exp.config.sparsity import is_default
 from stun_exp.config.sparsity import normalise as normalise_sparsity
 from stun_exp.config.sparsity import resolve as resolve_sparsity
 from stun_exp.config.validate import validate
 from stun_exp.context import RunContext
+from stun_exp.runtime import Runtime, make_runtime
 from stun_exp.tracking import run_record
 from stun_exp.tracking.files import atomic_write_json, atomic_write_text
+from stun_exp.tracking.wandb_logger import RunLogger
 
 log = logging.getLogger("stun_exp")
 
 
 class Timer:
-    """Wall time per stage, in the order the stages ran."""
+    """Wall time per stage, in the order the stages ran; each finished stage is reported to W&B."""
 
-    def __init__(self) -> None:
+    def __init__(self, logger: Optional[RunLogger] = None) -> None:
         self.times: dict[str, float] = {}
+        self.logger = logger
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -39,6 +60,8 @@ class Timer:
             yield
         finally:
             self.times[name] = round(time.perf_counter() - t, 3)
+            if self.logger is not None:
+                self.logger.stage(name, self.times[name])
 
 
 def seed_everything(seed: int) -> None:
@@ -48,57 +71,45 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    """cpu / cuda / cuda:<i> / auto (availability was checked with the inputs)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from stun_exp.errors import ConfigError
-        raise ConfigError("device", name, "cpu or auto on a machine without a CUDA device")
     return torch.device(name)
 
 
-def load_model(cfg: DictConfig, device: torch.device) -> tuple[Any, Any, Path | None, str | None]:
-    """(model, tokenizer, model_dir, pretrained_path). The toy is built (or read from its cache) here."""
-    from stun_exp.models.loading import load_pretrained
-    pretrained = None
-    if cfg.model.kind == "toy":
-        from stun_exp.toy.build import ensure_toy, ensure_toy_pair
-        if cfg.model.finetune_domain:
-            path, pretrained = ensure_toy_pair(cfg.model)
-        else:
-            path = ensure_toy(cfg.model)
-        model, tok = load_pretrained(str(path), dtype=torch.float32, device=str(device))
-        return model, tok, Path(path), (str(pretrained) if pretrained else None)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
-    model, tok = load_pretrained(cfg.model.name_or_path, dtype=dtype, device=str(device),
-                                 trust_remote_code=cfg.model.trust_remote_code, device_map=cfg.model.device_map)
-    return model, tok, None, cfg.model.pretrained_path
+# ---- stages -------------------------------------------------------------------------------------
+def prepare(cfg: DictConfig, info: Any = None) -> tuple[DictConfig, Any, Any]:
+    """Validate (values, then inputs) and resolve the sparsity knob; returns the config that runs."""
+    info = info if info is not None else validate(cfg)
+    from stun_exp.config.inputs import check_inputs
+    check_inputs(cfg, info)
+    request = resolve_sparsity(cfg)
+    for knob, src in (("sparsity", request.total_source), ("unstructured_pruner.sparsity", request.ratio_source)):
+        if src.startswith("stepped aside"):
+            log.info("%s: its default %s", knob, src)
+    cfg = normalise_sparsity(cfg, request)
+    if is_default(cfg, "save_checkpoint"):
+        with open_dict(cfg):              # streaming writes its checkpoint: that is how the pruned model exists
+            cfg.save_checkpoint = bool(cfg.runtime.streaming)
+    return cfg, info, request
 
 
-def evaluate(cfg: DictConfig, model: Any, tok: Any, model_dir: Path | None) -> dict[str, Any]:
-    if cfg.eval.name == "none":
-        return {}
-    from stun_exp.evaluation import evaluate as ev
-    return ev(model, tok, cfg.eval, model_dir=model_dir)
-
-
-def dense_metrics(cfg: DictConfig, model: Any, tok: Any, model_dir: Path | None) -> dict[str, Any]:
-    """Dense-model metrics, cached next to the toy (keyed by eval config) so warm runs skip them."""
+def dense_metrics(cfg: DictConfig, rt: Runtime) -> dict[str, Any]:
+    """Dense-model metrics, cached next to the toy (keyed by model + eval config) so warm runs skip them."""
     if not cfg.dense_baseline or cfg.eval.name == "none":
         return {}
     key = run_record.config_hash({"model": OmegaConf.to_container(cfg.model, resolve=True),
                                   "eval": OmegaConf.to_container(cfg.eval, resolve=True)})
-    cache = (model_dir / "dense_eval" / f"{key}.json") if model_dir else None
+    cache = (rt.model_dir / "dense_eval" / f"{key}.json") if rt.model_dir else None
     if cache and cache.is_file():
         return run_record.read_json(cache)
-    metrics = evaluate(cfg, model, tok, model_dir)
+    metrics = rt.evaluate(cfg.eval, dense=True)
     if cache:
         atomic_write_json(cache, metrics)
     return metrics
 
 
-def stage_expert(cfg: DictConfig, ctx: RunContext, run_dir: Path | None) -> dict[str, Any]:
-    from stun_exp.models.surgery import apply_plan
+def stage_expert(cfg: DictConfig, ctx: RunContext, rt: Runtime, run_dir: Optional[Path]) -> dict[str, Any]:
     if cfg.expert_pruner.name == "none":
         return {}
     node = cfg.expert_pruner
@@ -106,30 +117,39 @@ def stage_expert(cfg: DictConfig, ctx: RunContext, run_dir: Path | None) -> dict
         node = OmegaConf.merge(node, {"pretrained_path": ctx.info["pretrained_path"]})
     pruner = instantiate(node, _convert_="all")
     t = time.perf_counter()
-    plan = pruner.plan(ctx)
+    plan = rt.plan_experts(pruner, ctx)
     plan.meta.setdefault("wall_time_s", round(time.perf_counter() - t, 3))
     plan.meta["forward_passes"] = ctx.counters.as_dict()
-    apply_plan(ctx.adapter, plan)
+    rt.apply_plan(plan)
     ctx.info["expert_plan"] = plan
     if run_dir:
         atomic_write_text(run_dir / "expert_plan.json", plan.to_json() + "\n")
+    kept = {str(l): len(lp.groups) for l, lp in sorted(plan.layers.items())}
+    ctx.progress("expert", {"experts_after": plan.experts_after, "experts_kept": kept})
     return {"method": plan.method, "experts_before": plan.experts_before, "experts_after": plan.experts_after,
             "removal": plan.removal, "meta": plan.meta}
 
 
-def stage_unstructured(cfg: DictConfig, ctx: RunContext, dense_census: dict, request: Any) -> dict[str, Any]:
+def stage_unstructured(cfg: DictConfig, ctx: RunContext, rt: Runtime, dense_census: dict,
+                       request: Any) -> dict[str, Any]:
     if cfg.unstructured_pruner.name == "none":
         return {}
     pruner = instantiate(cfg.unstructured_pruner, _convert_="all")
     split = None
     if request.total is not None:
-        split = ledger.derive_unstructured_ratio(request.total, dense_census, ctx.adapter, pruner.is_targeted)
+        split = rt.unstructured_split(request.total, dense_census, pruner.is_targeted)
         log.info("total target %.3f: expert phase %.4f, unstructured ratio %.4f", request.total,
                  split["structured_share"], split["unstructured_ratio"])
     report = pruner.prune(ctx, sparsity=split["unstructured_ratio"] if split else request.ratio)
     report["split"] = split
-    report["targeted"] = ledger.targeted_counts(ctx.adapter, pruner.is_targeted)
+    ctx.info["unstructured_pruner"] = pruner
     return report
+
+
+def stage_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
+    if cfg.distill.name == "none":
+        return {}
+    return instantiate(cfg.distill, _convert_="all").distill(ctx)
 
 
 def applied_sparsity(request: Any, unstructured: dict, sp: dict) -> dict[str, Any]:
@@ -140,24 +160,6 @@ def applied_sparsity(request: Any, unstructured: dict, sp: dict) -> dict[str, An
             "achieved_expert": sp.get("expert")}
 
 
-def stage_distill(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
-    if cfg.distill.name == "none":
-        return {}
-    return instantiate(cfg.distill, _convert_="all").distill(ctx)
-
-
-def analyse(ctx: RunContext, dense_census: dict, unstructured: dict) -> dict[str, Any]:
-    now = ledger.census(ctx.model, ctx.adapter)
-    sp = ledger.sparsity_report(dense_census, now, unstructured.get("targeted"))
-    return {"sparsity": sp, "census": {"dense": dense_census, "pruned": now},
-            "mask_digest": ledger.mask_digest(ctx.adapter)}
-
-
-def kurtosis(ctx: RunContext, nonzero_only: bool = False) -> dict[str, Any]:
-    from stun_exp.analysis.kurtosis import kurtosis_report
-    return kurtosis_report(ctx.adapter, nonzero_only=nonzero_only)
-
-
 def peak_memory() -> dict[str, float]:
     out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.cuda.is_available():
@@ -165,86 +167,110 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def run_pipeline(cfg: DictConfig, run_dir_s: str | None, info: Any = None) -> dict[str, Any]:
+# ---- the run ------------------------------------------------------------------------------------
+def run_pipeline(cfg: DictConfig, run_dir_s: Optional[str], info: Any = None) -> dict[str, Any]:
     """One run. ``info`` is the ModelInfo of an already validated config (validated here if None)."""
-    timer, run_dir = Timer(), (Path(run_dir_s) if run_dir_s else None)
-    with timer.stage("validate"):
-        info = info if info is not None else validate(cfg)
-        from stun_exp.config.inputs import check_inputs
-        check_inputs(cfg, info)
-        request = resolve_sparsity(cfg)
-        for knob, src in (("sparsity", request.total_source), ("unstructured_pruner.sparsity", request.ratio_source)):
-            if src.startswith("stepped aside"):
-                log.info("%s: its default %s", knob, src)
-        cfg = normalise_sparsity(cfg, request)
-    if cfg.runtime.streaming:
-        from stun_exp.streaming import run_streaming
-        return run_streaming(cfg, run_dir_s)
+    run_dir = Path(run_dir_s) if run_dir_s else None
+    t_validate = time.perf_counter()
+    cfg, info, request = prepare(cfg, info)
     chash = run_record.config_hash(cfg)
     if run_dir:
         from stun_exp.tracking.sweep import check_run_dir
         skipped = check_run_dir(cfg, run_dir, chash)
         if skipped is not None:
             return skipped
-    seed_everything(int(cfg.seed))
-    device = pick_device(cfg.device)
-    with timer.stage("model"):
-        model, tok, model_dir, pretrained = load_model(cfg, device)
-        from stun_exp.models.adapter import get_adapter
-        adapter = get_adapter(model)
-    with timer.stage("calib"):
-        from stun_exp.data.calib import load_calibration
-        calib = load_calibration(cfg.calib, tok, int(cfg.model.seed) if cfg.model.kind == "toy" else 0)
-    ctx = RunContext(cfg, model, tok, adapter, calib, device, str(run_dir) if run_dir else None)
-    ctx.info.update(pretrained_path=pretrained, model_dir=str(model_dir) if model_dir else None, model_info=info)
-    if cfg.distill.name != "none":
-        ctx.dense_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    dense_census = ledger.census(model, adapter)
-    kurt = {"dense": kurtosis(ctx)}
-    with timer.stage("dense_eval"):
-        dense = dense_metrics(cfg, model, tok, model_dir)
-    with timer.stage("expert_pruning"):
-        expert = stage_expert(cfg, ctx, run_dir)
-    kurt["after_expert"] = kurtosis(ctx) if expert else None
-    with timer.stage("unstructured_pruning"):
-        unstructured = stage_unstructured(cfg, ctx, dense_census, request)
-    with timer.stage("distill"):
-        distill = stage_distill(cfg, ctx)
-    with timer.stage("analyse"):
-        analysis = analyse(ctx, dense_census, unstructured)
-        kurt["after_unstructured_nonzero"] = kurtosis(ctx, nonzero_only=True) if unstructured else None
-    with timer.stage("evaluate"):
-        metrics = evaluate(cfg, model, tok, model_dir)
-    eval_settings = metrics.pop("eval_settings", None)
-    dense.pop("eval_settings", None)
-    results = {
-        "complete": False, "config_hash": chash, "seed": int(cfg.seed),
-        "config": run_record.resolved_dict(cfg), "metrics": metrics, "dense_metrics": dense,
-        "eval_settings": eval_settings,
-        "sparsity": analysis["sparsity"], "census": analysis["census"], "mask_digest": analysis["mask_digest"],
-        "sparsity_applied": applied_sparsity(request, unstructured, analysis["sparsity"]),
-        "expert_pruning": expert,
-        "unstructured_pruning": unstructured, "distill": distill, "kurtosis": kurt,
-        "counters": ctx.counters.as_dict(), "timings": timer.times, "memory": peak_memory(),
-        "environment": run_record.environment(), "run_dir": str(run_dir) if run_dir else None,
-    }
-    results["summary"] = summary_table(dense, metrics, analysis["sparsity"])
-    if run_dir:
-        record(cfg, ctx, run_dir, results)
-    print(results["summary"], flush=True)
+    logger = RunLogger.start(cfg.logger, run_dir, run_record.resolved_dict(cfg))
+    timer = Timer(logger)
+    timer.times["validate"] = round(time.perf_counter() - t_validate, 3)
+    try:
+        results = _run(cfg, run_dir, chash, request, timer, logger)
+    except BaseException as e:
+        logger.fail(e)
+        raise
     return results
 
 
-def record(cfg: DictConfig, ctx: RunContext, run_dir: Path, results: dict[str, Any]) -> None:
-    """Local files first (checkpoint, results.json with complete=true last), then W&B."""
-    if cfg.save_checkpoint:
-        from stun_exp.models.loading import save_pretrained
-        save_pretrained(ctx.model, ctx.tokenizer, run_dir / "checkpoint", report=results)
-    results["complete"] = True
-    run_record.write_results(run_dir, results)
-    from stun_exp.tracking.wandb_logger import log_run
-    files = [run_dir / "results.json", run_dir / "expert_plan.json"]
-    log_run(cfg.logger, run_dir, results["config"], results, per_layer_table(results), files)
+def _run(cfg: DictConfig, run_dir: Optional[Path], chash: str, request: Any, timer: Timer,
+         logger: RunLogger) -> dict[str, Any]:
+    seed_everything(int(cfg.seed))
+    device = pick_device(cfg.device)
+    rt = make_runtime(cfg, device)
+    if hasattr(rt, "bind"):
+        rt.bind(run_dir)
+    try:
+        return _stages(cfg, rt, device, run_dir, chash, request, timer, logger)
+    except BaseException:
+        if hasattr(rt, "discard"):
+            rt.discard()
+        raise
+
+
+def _stages(cfg: DictConfig, rt: Runtime, device: torch.device, run_dir: Optional[Path], chash: str,
+            request: Any, timer: Timer, logger: RunLogger) -> dict[str, Any]:
+    with timer.stage("calib"):
+        from stun_exp.data.calib import load_calibration
+        tok = rt.load_tokenizer()
+        calib = load_calibration(cfg.calib, tok, int(cfg.model.seed) if cfg.model.kind == "toy" else 0)
+    with timer.stage("model"):
+        rt.load()
+    ctx = RunContext(cfg, rt.model, tok, rt.adapter, calib, device, str(run_dir) if run_dir else None,
+                     runtime=rt, on_progress=logger.progress)
+    ctx.info.update(pretrained_path=rt.pretrained_path, model_dir=str(rt.model_dir) if rt.model_dir else None)
+    if cfg.distill.name != "none":
+        ctx.dense_state = {k: v.detach().to("cpu", copy=True) for k, v in rt.model.state_dict().items()}
+    with timer.stage("dense_analysis"):
+        dense_census = rt.census()
+        kurt = {"dense": rt.kurtosis()}
+    with timer.stage("dense_eval"):
+        dense = dense_metrics(cfg, rt)
+    with timer.stage("expert_pruning"):
+        expert = stage_expert(cfg, ctx, rt, run_dir)
+    kurt["after_expert"] = rt.kurtosis() if expert else None
+    with timer.stage("unstructured_pruning"):
+        unstructured = stage_unstructured(cfg, ctx, rt, dense_census, request)
+    with timer.stage("distill"):
+        distill = stage_distill(cfg, ctx)
+    with timer.stage("write"):
+        if hasattr(rt, "write"):
+            rt.write(ctx)
+    with timer.stage("analyse"):
+        pruner = ctx.info.get("unstructured_pruner")
+        now = rt.census()
+        if pruner is not None:
+            unstructured["targeted"] = rt.targeted_counts(pruner.is_targeted)
+        sp = ledger.sparsity_report(dense_census, now, unstructured.get("targeted"))
+        kurt["after_unstructured_nonzero"] = rt.kurtosis(nonzero_only=True) if unstructured else None
+        digest = rt.mask_digest()
+    results = {
+        "complete": False, "config_hash": chash, "seed": int(cfg.seed), "runtime": rt.name,
+        "config": run_record.resolved_dict(cfg), "dense_metrics": dense, "metrics": {},
+        "sparsity": sp, "census": {"dense": dense_census, "pruned": now}, "mask_digest": digest,
+        "sparsity_applied": applied_sparsity(request, unstructured, sp),
+        "expert_pruning": expert, "unstructured_pruning": unstructured, "distill": distill, "kurtosis": kurt,
+    }
+    with timer.stage("save"):
+        ckpt = rt.finish(run_dir, results)
+    with timer.stage("evaluate"):
+        metrics = rt.evaluate(cfg.eval, dense=False) if cfg.eval.name != "none" else {}
+    if ckpt is not None and not cfg.save_checkpoint:      # streaming evaluated it; the user asked not to keep it
+        import shutil
+        shutil.rmtree(ckpt, ignore_errors=True)
+        ckpt = None
+    results["eval_settings"] = metrics.pop("eval_settings", None)
+    dense.pop("eval_settings", None)
+    results.update(metrics=metrics, checkpoint=str(ckpt) if ckpt else None, counters=ctx.counters.as_dict(),
+                   timings=timer.times, memory=peak_memory(), environment=run_record.environment(),
+                   run_dir=str(run_dir) if run_dir else None)
+    if hasattr(rt, "facts"):
+        results["streaming"] = rt.facts()
+    results["summary"] = summary_table(dense, metrics, sp)
+    if run_dir:
+        results["complete"] = True
+        run_record.write_results(run_dir, results)
+    logger.finish(results, per_layer_table(results), [run_dir / "results.json", run_dir / "expert_plan.json"]
+                  if run_dir else [])
+    print(results["summary"], flush=True)
+    return results
 
 
 def per_layer_table(results: dict[str, Any]) -> list[dict]:
@@ -274,4 +300,3 @@ def summary_table(dense: dict, pruned: dict, sp: dict) -> str:
         if sp.get(name) is not None:
             rows.append({"metric": f"sparsity/{name}", "dense": 0.0, "pruned": sp[name], "delta": sp[name]})
     return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f")
-

@@ -1,4 +1,5 @@
-"""Streaming mode == in-memory mode on tiny Mixtral (both checkpoint key formats), index, memory bound."""
+"""The streaming runtime against the in-memory one, through the one runner: same plans, masks,
+ledger and logits, one decoder layer materialised at a time, a complete sharded checkpoint."""
 from __future__ import annotations
 
 import json
@@ -6,17 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 
-from stun_exp.analysis import sparsity as ledger
-from stun_exp.context import RunContext
 from stun_exp.models.adapter import get_adapter
 from stun_exp.models.loading import load_pretrained
-from stun_exp.models.surgery import apply_plan
-from stun_exp.pruning.expert.baselines import FrequencyPruner
-from stun_exp.pruning.expert.stun import StunPruner
-from stun_exp.pruning.weights.pruners import MagnitudePruner, OWLPruner, WandaPruner
-from stun_exp.streaming import prune_streaming
+from stun_exp.pipeline import run_pipeline
+from stun_exp.run import CONF_DIR
 from stun_exp.streaming.checkpoint import INDEX_NAME, CheckpointFormatError
 from stun_exp.streaming.store import LayerStore
 from tests.tiny_models import tiny_input, tiny_model
@@ -35,85 +32,93 @@ def _save(path: Path, legacy: bool, layers: int = 2) -> Path:
     return path
 
 
-def _in_memory(src: Path, expert, unstructured, sparsity):
-    model, _ = load_pretrained(str(src))
-    ad = get_adapter(model)
-    ctx = RunContext(None, model, None, ad, CALIB, torch.device("cpu"))
-    dense = ledger.census(model, ad)
-    plan = expert.plan(ctx)
-    apply_plan(ad, plan)
-    split = ledger.derive_unstructured_ratio(sparsity, dense, ad, unstructured.is_targeted)
-    report = unstructured.prune(ctx, sparsity=split["unstructured_ratio"])
-    targeted = ledger.targeted_counts(ad, unstructured.is_targeted)
-    return model, plan, ledger.sparsity_report(dense, ledger.census(model, ad), targeted), report
+def _run(tmp: Path, src: Path, runtime: str, overrides: list[str], name: str) -> dict:
+    torch.save(CALIB, tmp / "calib.pt")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "model=hf", f"model.name_or_path={src}", "calib=tokens", f"calib.path={tmp / 'calib.pt'}",
+            "calib.nsamples=4", "calib.seqlen=16", "eval=none", f"runtime={runtime}", "save_checkpoint=true",
+            f"out_root={tmp}", *overrides])
+    run_dir = tmp / name
+    run_dir.mkdir()
+    return run_pipeline(cfg, str(run_dir))
 
 
-def _assert_same(model, plan, sp, res, out: Path) -> None:
-    assert res["expert_plan"].to_dict()["layers"] == plan.to_dict()["layers"]
-    assert res["sparsity"] == sp
-    reloaded, _ = load_pretrained(str(out))
-    a, b = model.state_dict(), reloaded.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:                                   # bitwise: equal masks, kept experts and updates
-        assert torch.equal(a[k].view(torch.int32), b[k].view(torch.int32)), k
-    # Logits of the two checkpoints, saved in the same (native) key format and reloaded, are identical.
-    # (Objects loaded differently can differ in the last bit: CPU kernels pick paths by alignment.)
-    model.save_pretrained(out.with_name(out.name + "-memory"), save_original_format=False)
-    mem, _ = load_pretrained(str(out.with_name(out.name + "-memory")))
+def _both(tmp: Path, src: Path, overrides: list[str]) -> tuple[dict, dict]:
+    return _run(tmp, src, "default", overrides, "memory"), _run(tmp, src, "streaming", overrides, "stream")
+
+
+def _assert_same(mem: dict, st: dict) -> None:
+    """Same plan, ledger, per-layer report and masks; bit-identical weights and logits after reload."""
+    assert st["runtime"] == "streaming" and mem["runtime"] == "in_memory"
+    assert (st["expert_pruning"] or {}).get("experts_after") == (mem["expert_pruning"] or {}).get("experts_after")
+    mp, sp = (Path(r["run_dir"]) / "expert_plan.json" for r in (mem, st))
+    if mp.is_file():
+        assert json.loads(mp.read_text())["layers"] == json.loads(sp.read_text())["layers"]
+    assert st["sparsity"] == mem["sparsity"]
+    assert st["mask_digest"] == mem["mask_digest"]
+    assert st["unstructured_pruning"].get("per_layer") == mem["unstructured_pruning"].get("per_layer")
+    a, _ = load_pretrained(mem["checkpoint"])
+    b, _ = load_pretrained(st["checkpoint"])
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:                                   # bitwise: equal masks, kept experts and updates
+        assert torch.equal(sa[k].view(torch.int32), sb[k].view(torch.int32)), k
     x = tiny_input()
-    assert torch.equal(mem(x).logits, reloaded(x).logits)
-    torch.testing.assert_close(model(x).logits, reloaded(x).logits, rtol=0, atol=1e-6)
-    assert res["streaming"]["peak_live_layers"] == 1
+    torch.testing.assert_close(a(x).logits, b(x).logits, rtol=0, atol=1e-6)
+    assert st["streaming"]["peak_live_layers"] == 1
+    assert st["kurtosis"]["dense"]["model"] == pytest.approx(mem["kurtosis"]["dense"]["model"], nan_ok=True)
 
 
 @pytest.mark.parametrize("legacy", [True, False], ids=["legacy_keys", "native_keys"])
 def test_stun_router_wanda_equal(tmp_path, legacy):
     src = _save(tmp_path / "src", legacy)
-    mk = lambda: (StunPruner(expert_sparsity=0.25), WandaPruner(name="wanda", sparsity=0.5))
-    model, plan, sp, rep = _in_memory(src, *mk(), 0.5)
-    res = prune_streaming(src, tmp_path / "out", *mk(), CALIB, "cpu", sparsity=0.5)
-    assert plan.experts_after == 12 and any(len(g) > 1 for lp in plan.layers.values() for g in lp.groups)
-    _assert_same(model, plan, sp, res, tmp_path / "out")
-    assert res["streaming"]["key_format"] == ["legacy" if legacy else "native"]
-    assert res["expert_pruning"]["meta"]["checkpoint_reads"]["router"] == 2
-    assert res["unstructured_pruning"]["per_layer"] == rep["per_layer"]
+    mem, st = _both(tmp_path, src, ["expert_pruner=stun", "expert_pruner.expert_sparsity=0.25",
+                                    "unstructured_pruner=wanda", "sparsity=0.5"])
+    assert mem["expert_pruning"]["experts_after"] == 12
+    _assert_same(mem, st)
+    assert st["streaming"]["key_format"] == ["legacy" if legacy else "native"]
+    assert st["expert_pruning"]["meta"]["checkpoint_reads"]["router"] == 2
 
 
 def test_frequency_magnitude_equal(tmp_path):
     src = _save(tmp_path / "src", legacy=False)
-    mk = lambda: (FrequencyPruner(expert_sparsity=0.25, calib_batch_size=2),
-                  MagnitudePruner(name="magnitude", sparsity=0.5))
-    model, plan, sp, _ = _in_memory(src, *mk(), 0.45)
-    res = prune_streaming(src, tmp_path / "out", *mk(), CALIB, "cpu", sparsity=0.45)
-    assert res["expert_pruning"]["meta"]["scores"] == plan.meta["scores"]   # calibration counts equal
-    _assert_same(model, plan, sp, res, tmp_path / "out")
+    mem, st = _both(tmp_path, src, ["expert_pruner=frequency", "expert_pruner.expert_sparsity=0.25",
+                                    "expert_pruner.calib_batch_size=2", "unstructured_pruner=magnitude",
+                                    "sparsity=0.45"])
+    assert st["expert_pruning"]["meta"]["scores"] == mem["expert_pruning"]["meta"]["scores"]
+    _assert_same(mem, st)
 
 
 def test_random_sparsegpt_equal(tmp_path):
-    from stun_exp.pruning.expert.baselines import RandomPruner
-    from stun_exp.pruning.weights.pruners import SparseGPTPruner
     src = _save(tmp_path / "src", legacy=True)
-    mk = lambda: (RandomPruner(expert_sparsity=0.25, seed=3), SparseGPTPruner(name="sparsegpt", sparsity=0.5))
-    model, plan, sp, _ = _in_memory(src, *mk(), 0.5)
-    res = prune_streaming(src, tmp_path / "out", *mk(), CALIB, "cpu", sparsity=0.5)
-    _assert_same(model, plan, sp, res, tmp_path / "out")
+    mem, st = _both(tmp_path, src, ["expert_pruner=random", "expert_pruner.seed=3",
+                                    "unstructured_pruner=sparsegpt", "sparsity=0.5"])
+    _assert_same(mem, st)
 
 
 def test_coactivation_owl_with_offloaded_activations(tmp_path):
     src = _save(tmp_path / "src", legacy=True)
-    mk = lambda: (StunPruner(distance="coactivation", expert_sparsity=0.25, calib_batch_size=4),
-                  OWLPruner(name="owl", sparsity=0.5, owl_m=2, owl_lambda=0.05))
-    model, plan, sp, _ = _in_memory(src, *mk(), 0.5)
-    res = prune_streaming(src, tmp_path / "out", *mk(), CALIB, "cpu", sparsity=0.5,
-                          offload_dir=str(tmp_path / "acts"))
-    _assert_same(model, plan, sp, res, tmp_path / "out")
+    common = ["expert_pruner=stun", "expert_pruner.distance=coactivation", "expert_pruner.expert_sparsity=0.25",
+              "expert_pruner.calib_batch_size=4", "unstructured_pruner=owl", "unstructured_pruner.owl_m=2",
+              "unstructured_pruner.owl_lambda=0.05", "sparsity=0.5"]
+    mem = _run(tmp_path, src, "default", common, "memory")
+    st = _run(tmp_path, src, "streaming", [*common, "runtime.offload_activations=true",
+                                           f"runtime.offload_dir={tmp_path / 'acts'}"], "stream")
+    _assert_same(mem, st)
     assert not list((tmp_path / "acts").iterdir())      # activation files are removed after use
+
+
+def test_no_pruner_writes_the_dense_checkpoint(tmp_path):
+    src = _save(tmp_path / "src", legacy=True)
+    mem, st = _both(tmp_path, src, ["expert_pruner=none", "unstructured_pruner=none", "sparsity=null"])
+    _assert_same(mem, st)
 
 
 def test_index_is_complete(tmp_path):
     src = _save(tmp_path / "src", legacy=True)
-    out = tmp_path / "out"
-    prune_streaming(src, out, StunPruner(expert_sparsity=0.25), WandaPruner(name="wanda"), CALIB, "cpu")
+    res = _run(tmp_path, src, "streaming", ["expert_pruner=stun", "expert_pruner.expert_sparsity=0.25"], "run")
+    out = Path(res["checkpoint"])
     index = json.loads((out / INDEX_NAME).read_text())
     stored, size = {}, 0
     for f in sorted(out.glob("*.safetensors")):
@@ -180,42 +185,18 @@ def test_streaming_perplexity_matches_in_memory(tmp_path):
 def test_streaming_cuda_bf16_equals_in_memory(tmp_path):
     """bf16 on the GPU (fp32 statistics inside the engine/observer): same masks as in-memory bf16."""
     src = _save(tmp_path / "src", legacy=True)
-    dev = torch.device("cuda")
-    mk = lambda: (StunPruner(expert_sparsity=0.25), WandaPruner(name="wanda", sparsity=0.5))
-    model, _ = load_pretrained(str(src), dtype=torch.bfloat16, device="cuda")
-    ad = get_adapter(model)
-    ctx = RunContext(None, model, None, ad, CALIB, dev)
-    ep, up = mk()
-    plan = ep.plan(ctx)
-    apply_plan(ad, plan)
-    up.prune(ctx, sparsity=0.5)
-    ep, up = mk()
-    res = prune_streaming(src, tmp_path / "out", ep, up, CALIB, dev, dtype=torch.bfloat16)
-    reloaded, _ = load_pretrained(str(tmp_path / "out"), dtype=torch.bfloat16, device="cuda")
-    a, b = model.state_dict(), reloaded.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert res["streaming"]["dtype"] == "torch.bfloat16" and res["streaming"]["peak_live_layers"] == 1
+    mem, st = _both(tmp_path, src, ["device=cuda", "model.dtype=bfloat16", "expert_pruner=stun",
+                                    "expert_pruner.expert_sparsity=0.25", "unstructured_pruner=wanda",
+                                    "sparsity=0.5"])
+    assert st["mask_digest"] == mem["mask_digest"] and st["streaming"]["dtype"] == "torch.bfloat16"
 
 
-def test_run_streaming_from_composed_config(tmp_path):
-    """run_streaming(cfg, run_dir): the root config + runtime=streaming, results.json and checkpoint."""
-    from hydra import compose, initialize_config_dir
-
-    import stun_exp.streaming.config  # noqa: F401  (declares schema_runtime)
-    from stun_exp.config.schema import register_all
-    from stun_exp.streaming import run_streaming
+def test_streaming_run_records_and_reloads(tmp_path):
+    """The root config + runtime=streaming: results.json, expert plan and a checkpoint that reloads."""
     src = _save(tmp_path / "src", legacy=True)
-    torch.save(CALIB, tmp_path / "calib.pt")
-    register_all()
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "model=hf", f"model.name_or_path={src}", "calib=tokens", f"calib.path={tmp_path / 'calib.pt'}",
-            "calib.nsamples=4", "calib.seqlen=16", "expert_pruner=stun", "expert_pruner.expert_sparsity=0.25",
-            "unstructured_pruner=wanda", "sparsity=0.5", "eval=none", "dense_baseline=false", "runtime=streaming"])
+    res = _run(tmp_path, src, "streaming", ["expert_pruner=stun", "expert_pruner.expert_sparsity=0.25",
+                                            "unstructured_pruner=wanda", "sparsity=0.5"], "run")
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    res = run_streaming(cfg, str(run_dir))
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["complete"] and saved["streaming"]["peak_live_layers"] == 1
     assert res["expert_pruning"]["experts_after"] == 12
@@ -223,3 +204,13 @@ def test_run_streaming_from_composed_config(tmp_path):
     assert json.loads((run_dir / "expert_plan.json").read_text())["experts_after"] == 12
     model, _ = load_pretrained(str(run_dir / "checkpoint"))
     assert get_adapter(model).num_experts(0) == 6
+    assert (run_dir / "checkpoint" / "PRUNING.md").is_file()
+
+
+def test_checkpoint_not_kept_when_asked(tmp_path):
+    src = _save(tmp_path / "src", legacy=True)
+    res = _run(tmp_path, src, "streaming", ["expert_pruner=stun", "expert_pruner.expert_sparsity=0.25",
+                                            "save_checkpoint=false", "eval=ppl", "eval.datasets=[wikitext2]"][:-2],
+               "run")
+    assert res["checkpoint"] is None and not (tmp_path / "run" / "checkpoint").exists()
+    assert res["config"]["save_checkpoint"] is False

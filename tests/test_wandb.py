@@ -1,41 +1,104 @@
-"""W&B logging: offline runs land in the run folder; a W&B failure warns and loses nothing."""
+"""W&B: the run appears at its start, progress is logged as it happens, offline files land in the run
+folder (both runtimes), and a W&B failure warns and loses nothing."""
 from __future__ import annotations
 
+import json
 import logging
 
+import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from stun_exp.tracking.files import atomic_write_json
-from stun_exp.tracking.wandb_logger import log_run
+from stun_exp.pipeline import run_pipeline
+from stun_exp.run import CONF_DIR
+from stun_exp.tracking.wandb_logger import RunLogger, sweep_group
 
 RESULTS = {"metrics": {"toy_arith/exact_match": 0.5}, "sparsity": {"decoder_linear": 0.4}, "timings": {"x": 1.0}}
 
 
 def _cfg(mode):
     return OmegaConf.create({"name": "wandb", "project": "t", "entity": None, "mode": mode, "group": None,
-                             "tags": []})
+                             "tags": ["a"]})
 
 
-def test_offline_run_writes_files_into_the_run_folder(tmp_path, monkeypatch):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    atomic_write_json(tmp_path / "results.json", RESULTS)
-    out = log_run(_cfg("offline"), tmp_path, {"seed": 0}, RESULTS, [{"layer": 0, "experts_after": 6}],
-                  [tmp_path / "results.json"])
-    assert out is not None
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and (runs[0] / "files" / "results.json").is_file()
+class FakeRun:
+    """Records what RunLogger sends (the W&B client writes offline records asynchronously)."""
+
+    def __init__(self):
+        self.logged, self.summary, self.saved, self.finished = [], {}, [], None
+
+    def log(self, row, step=None):
+        self.logged.append((step, row))
+
+    def save(self, path, base_path=None, policy=None):
+        self.saved.append(path)
+
+    def finish(self, exit_code=0):
+        self.finished = exit_code
+
+
+def test_run_logger_logs_stages_progress_and_summary(tmp_path):
+    lg = RunLogger(FakeRun())
+    run = lg.run
+    lg.stage("model", 1.5)
+    lg.progress("unstructured", {"layer": 0, "achieved": 0.5})
+    (tmp_path / "results.json").write_text(json.dumps(RESULTS))
+    lg.finish(RESULTS, [{"layer": 0, "experts_after": 6}], [tmp_path / "results.json"])
+    rows = [r for _, r in run.logged]
+    assert rows[0] == {"time/model": 1.5, "stage": "model"}
+    assert rows[1] == {"unstructured/layer": 0, "unstructured/achieved": 0.5}
+    assert [s for s, _ in run.logged] == sorted(s for s, _ in run.logged)      # steps only increase
+    assert run.summary["metrics/toy_arith/exact_match"] == 0.5 and run.summary["sparsity/decoder_linear"] == 0.4
+    assert run.saved == [str(tmp_path / "results.json")] and run.finished == 0
+
+
+def test_a_failed_run_is_marked_failed(tmp_path):
+    run = FakeRun()
+    RunLogger(run).fail(RuntimeError("boom"))
+    assert run.finished == 1 and "boom" in run.summary["error"]
+
+
+def _offline_run(run_dir):
+    [run] = list((run_dir / "wandb").glob("offline-run-*"))
+    return run
 
 
 def test_wandb_failure_warns_and_continues(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     with caplog.at_level(logging.WARNING):
-        assert log_run(_cfg("not-a-mode"), tmp_path, {}, RESULTS) is None
-    assert "W&B logging failed" in caplog.text
+        lg = RunLogger.start(_cfg("not-a-mode"), tmp_path, {})
+        lg.stage("model", 1.0)
+        lg.finish(RESULTS, [], [])
+    assert lg.run is None and "W&B start failed" in caplog.text
 
 
 def test_logger_none_does_nothing(tmp_path):
-    assert log_run(OmegaConf.create({"name": "none"}), tmp_path, {}, RESULTS) is None
+    lg = RunLogger.start(OmegaConf.create({"name": "none"}), tmp_path, {})
+    lg.stage("x", 1.0)
+    lg.finish(RESULTS, [], [])
     assert not (tmp_path / "wandb").exists()
+
+
+def test_sweep_jobs_share_a_group(tmp_path):
+    assert sweep_group(tmp_path / "out" / "multirun" / "2026-01-01" / "10-00-00" / "3") == "2026-01-01/10-00-00"
+    assert sweep_group(tmp_path / "out" / "runs" / "2026-01-01" / "x") is None
+
+
+@pytest.mark.parametrize("runtime", ["default", "streaming"])
+def test_a_run_with_wandb_offline_keeps_local_files_and_logs_layers(runtime, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("STUN_EXP_CACHE", str(tmp_path / "cache"))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "model=toy_tiny", "eval=none", "calib.nsamples=4", "calib.seqlen=32", f"runtime={runtime}",
+            "logger=wandb", "logger.mode=offline", f"out_root={tmp_path}"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    res = run_pipeline(cfg, str(run_dir))
+    assert json.loads((run_dir / "results.json").read_text())["complete"] and res["runtime"] in (
+        "in_memory", "streaming")
+    run = _offline_run(run_dir)                  # `wandb sync` uploads this folder later
+    assert (run / "files" / "results.json").is_file() and list(run.glob("*.wandb"))
 
 
 def test_per_layer_table_joins_experts_sparsity_and_kurtosis():

@@ -130,9 +130,16 @@ def mask_digest(adapter: Any) -> str:
     """sha256 over the zero patterns of every decoder Linear weight, in target order: two runs
     with identical masks (and expert layouts) give the same digest."""
     import hashlib
-    import numpy as np
     h = hashlib.sha256()
-    for l, t in _targets(adapter):
+    for l in range(len(adapter.layers)):
+        digest_layer(h, adapter, l)
+    return h.hexdigest()[:16]
+
+
+def digest_layer(h: Any, adapter: Any, l: int) -> None:
+    """Add decoder layer l's zero patterns to the running ``hashlib`` digest ``h`` (streaming adds one
+    layer at a time: the same digest as ``mask_digest`` of the whole model)."""
+    import numpy as np
+    for t in adapter.linear_targets(l):
         h.update(f"{l}:{t.name}:{tuple(t.weight.shape)}".encode())
         h.update(np.packbits((t.weight == 0).flatten().cpu().numpy()).tobytes())
-    return h.hexdigest()[:16]

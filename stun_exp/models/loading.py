@@ -132,6 +132,19 @@ def per_layer_pruned_class(base_cls: type) -> type:
                                                  "_stun_per_layer": True})
 
 
+def model_class(config: Any, src: str, trust_remote_code: bool = False) -> type:
+    """The class that loads a checkpoint with this config: transformers' (or the remote code's),
+    wrapped to shrink each MoE layer first when the per-layer expert counts differ."""
+    cls = _base_class(config, src, trust_remote_code)
+    return cls if _uniform(getattr(config, PER_LAYER_KEY, None)) else per_layer_pruned_class(cls)
+
+
+def load_tokenizer(path_or_id: str, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's tokenizer, or None when it has none (e.g. a weights-only folder)."""
+    src, local = resolve_source(path_or_id)
+    return _load_tokenizer(src, local, trust_remote_code)
+
+
 def _load_tokenizer(src: str, local: bool, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
     p = Path(src)
@@ -145,7 +158,7 @@ def _load_tokenizer(src: str, local: bool, trust_remote_code: bool) -> Any:
 
 def load_pretrained(path_or_id: str, dtype: Any = None, device: str = "cpu",
                     trust_remote_code: bool = False, device_map: Any = None, max_memory: Any = None,
-                    offload_folder: str | None = None) -> tuple[nn.Module, Any]:
+                    offload_folder: str | None = None, with_tokenizer: bool = True) -> tuple[nn.Module, Any]:
     """(model in eval mode on `device`, tokenizer or None). Handles per-layer-pruned checkpoints.
 
     ``device_map`` ("auto", "balanced", or an explicit map) places a model that does not fit one
@@ -153,9 +166,7 @@ def load_pretrained(path_or_id: str, dtype: Any = None, device: str = "cpu",
     from transformers import AutoConfig
     src, local = resolve_source(path_or_id)
     config = AutoConfig.from_pretrained(src, local_files_only=local, trust_remote_code=trust_remote_code)
-    cls = _base_class(config, src, trust_remote_code)
-    if not _uniform(getattr(config, PER_LAYER_KEY, None)):
-        cls = per_layer_pruned_class(cls)
+    cls = model_class(config, src, trust_remote_code)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
@@ -164,7 +175,7 @@ def load_pretrained(path_or_id: str, dtype: Any = None, device: str = "cpu",
     model = cls.from_pretrained(src, config=config, local_files_only=local,
                                 trust_remote_code=trust_remote_code, **kwargs)
     model = (model if device_map is not None else model.to(device)).eval()
-    return model, _load_tokenizer(src, local, trust_remote_code)
+    return model, _load_tokenizer(src, local, trust_remote_code) if with_tokenizer else None
 
 
 def save_pretrained(model: nn.Module, tokenizer: Any, path: str | os.PathLike,

@@ -24,11 +24,8 @@ class DecoderSizes:
 
 def meta_model(config: Any, trust_remote_code: bool = False, src: str = "") -> nn.Module:
     """The model class of `config` instantiated on the meta device (per-layer expert counts applied)."""
-    from .adapter import PER_LAYER_KEY
-    from .loading import _base_class, _uniform, per_layer_pruned_class
-    cls = _base_class(config, src, trust_remote_code)
-    if not _uniform(getattr(config, PER_LAYER_KEY, None)):
-        cls = per_layer_pruned_class(cls)
+    from .loading import model_class
+    cls = model_class(config, src, trust_remote_code)
     with torch.device("meta"):
         return cls(config)
 

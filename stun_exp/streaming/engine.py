@@ -7,9 +7,10 @@ It is ``pruning.weights.engine.SequentialEngine`` with two hooks around each lay
 own methods, so masks equal the in-memory engine's bit for bit.
 
 Two extras:
-* ``layer_stats``: when a dict is given, an ``ExpertObserver`` wraps each MoE layer's observe step
-  and its ``LayerStats`` (routing counts, co-activation, gate sums; fp32) are stored there on CPU.
-  This is the streaming calibration pass the expert pruners need (select nothing, process nothing).
+* ``layer_stats``: when a dict is given, an observer wraps each MoE layer's observe step — the
+  expert pruner's own (``layer_observer(adapter, [l])``) or ``ExpertObserver`` — and its statistics
+  are stored there on CPU. This is the streaming calibration pass the expert pruners need (select
+  nothing, process nothing).
 * ``offload_dir``: calibration activations between layers live in files (``torch.from_file``,
   memory-mapped) instead of device memory. The parent allocates each layer's outputs with
   ``torch.empty_like(inps)``, so this mode re-states ``_observe``/``_propagate`` with a file-backed
@@ -20,9 +21,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -39,11 +40,11 @@ class StreamingEngine(E.SequentialEngine):
     def __init__(self, store: LayerStore, calib: Optional[Tensor], device: torch.device,
                  select: Callable[[Any], bool], counters: Any = None, gram: bool = False, desc: str = "prune",
                  on_layer_done: Optional[LayerDone] = None, layer_stats: Optional[dict] = None,
-                 keep_logits: bool = False, offload_dir: Optional[str | Path] = None,
-                 keep_final: bool = False) -> None:
+                 layer_observer: Optional[Callable[[Any, list[int]], Any]] = None,
+                 offload_dir: Optional[str | Path] = None, keep_final: bool = False) -> None:
         super().__init__(store.model, store.adapter, calib, device, select, counters, gram, desc)
         self.store, self.on_layer_done = store, on_layer_done
-        self.layer_stats, self.keep_logits, self.keep_final = layer_stats, keep_logits, keep_final
+        self.layer_stats, self.layer_observer, self.keep_final = layer_stats, layer_observer, keep_final
         self.offload = ActivationFiles(offload_dir) if offload_dir else None
 
     def run(self, process: E.Process, observe: bool = True) -> None:
@@ -82,18 +83,22 @@ class StreamingEngine(E.SequentialEngine):
             if self.offload and inps is not None:
                 self.offload.drop(inps)
 
-    def _layer_observer(self, l: int) -> Any:
+    @contextmanager
+    def _layer_observer(self, l: int) -> Iterator[None]:
+        """The pruner's observer around layer l's calibration forward; its stats kept on CPU."""
         if self.layer_stats is None or l not in self.adapter.moe_layers:
-            return nullcontext()
-        from ..observe.observer import ExpertObserver
-        stats = self.layer_stats
-
-        class _Keep(ExpertObserver):
-            def __exit__(self, *exc: Any) -> None:
-                super().__exit__(*exc)
-                if l in self.stats:
-                    stats[l] = self.stats[l].to("cpu")
-        return _Keep(self.adapter, layers=[l], keep_logits=self.keep_logits)
+            yield
+            return
+        if self.layer_observer is None:
+            from ..observe.observer import ExpertObserver
+            obs = ExpertObserver(self.adapter, layers=[l])
+        else:
+            obs = self.layer_observer(self.adapter, [l])
+        with obs:
+            yield
+        if l in obs.stats:
+            st = obs.stats[l]
+            self.layer_stats[l] = st.to("cpu") if hasattr(st, "to") else st
 
     # ---- file-backed activations (offload mode only) ------------------------------------------
     def _observe(self, l: int, layer: nn.Module, targets: list, inps: Tensor, args: tuple,

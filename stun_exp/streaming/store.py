@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..models.adapter import PER_LAYER_KEY, get_adapter
-from ..models.loading import _base_class, _uniform, per_layer_pruned_class
+from ..models.adapter import get_adapter
+from ..models.loading import model_class
 from ..pruning.expert.plan import ExpertPlan
 from .checkpoint import CheckpointReader, check_keys, detect_format, to_native
 
@@ -30,9 +30,7 @@ def build_skeleton(path: str | Path, trust_remote_code: bool = False) -> nn.Modu
     from accelerate import init_empty_weights
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
-    cls = _base_class(config, str(path), trust_remote_code)
-    if not _uniform(getattr(config, PER_LAYER_KEY, None)):
-        cls = per_layer_pruned_class(cls)
+    cls = model_class(config, str(path), trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = cls(config)
     return model.eval()

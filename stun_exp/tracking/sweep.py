@@ -87,7 +87,8 @@ def summarise(sweep_dir: str | Path) -> dict[str, list]:
 
 
 class SweepSummary(Callback):
-    """Writes <sweep dir>/sweep_summary.json and prints counts when a multirun ends."""
+    """Writes <sweep dir>/sweep_summary.json, a table and a plot of the finished jobs, prints counts;
+    with ``logger=wandb`` the table and plot go to a summary run in the sweep's W&B group."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -98,3 +99,67 @@ class SweepSummary(Callback):
         print(f"sweep {sweep_dir}: " + ", ".join(f"{len(v)} {k}" for k, v in s.items()), flush=True)
         for f in s["failed"]:
             print(f"  failed job {f['job']}: {f['reason']}", flush=True)
+        try:
+            rows = sweep_rows(sweep_dir)
+            plot = sweep_plot(sweep_dir, rows)
+        except Exception as e:  # noqa: BLE001 — a summary must never fail the sweep
+            log.warning("sweep table/plot failed (%s: %s)", type(e).__name__, e)
+            return
+        from stun_exp.tracking.wandb_logger import log_sweep
+        log_sweep(config.get("logger"), sweep_dir, rows, plot)
+
+
+def sweep_rows(sweep_dir: Path) -> list[dict]:
+    """One row per finished job: its overrides and its flat metrics / sparsities."""
+    rows = []
+    for res in sorted(sweep_dir.glob("*/results.json")):
+        r = read_json(res)
+        if not r.get("complete"):
+            continue
+        ov = res.parent / ".hydra" / "overrides.yaml"
+        row: dict[str, Any] = {"job": res.parent.name}
+        if ov.is_file():
+            for o in ov.read_text().splitlines():
+                o = o.lstrip("- ").strip().strip("'\"")
+                if "=" in o:
+                    row[o.split("=", 1)[0]] = o.split("=", 1)[1]
+        row.update({f"metrics/{k}": v for k, v in (r.get("metrics") or {}).items() if isinstance(v, (int, float))})
+        row["sparsity/decoder_linear"] = (r.get("sparsity") or {}).get("decoder_linear")
+        rows.append(row)
+    if rows:
+        import pandas as pd
+        pd.DataFrame(rows).to_csv(sweep_dir / "sweep_table.csv", index=False)
+    return rows
+
+
+def sweep_plot(sweep_dir: Path, rows: list[dict]) -> Optional[Path]:
+    """Each metric against the first swept numeric key (None when nothing numeric was swept)."""
+    if len(rows) < 2:
+        return None
+    swept = [k for k in rows[0] if "/" not in k and k != "job" and len({str(r.get(k)) for r in rows}) > 1]
+    x = next((k for k in swept if all(_is_number(r.get(k)) for r in rows)), None)
+    metrics = [k for k in rows[0] if k.startswith(("metrics/", "sparsity/"))]
+    if x is None or not metrics:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        pts = sorted((float(r[x]), r[m]) for r in rows if r.get(m) is not None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+        ax.set_xlabel(x)
+        ax.set_title(m, fontsize=8)
+    fig.tight_layout()
+    out = sweep_dir / "sweep_plot.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False

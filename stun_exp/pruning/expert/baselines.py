@@ -18,12 +18,13 @@ the tie rule and the ``scope=global`` ranking). Scores are per-token rates, so l
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from stun_exp.pruning.expert.common import counters_delta, observe, routing_groups, stat, timed
+from stun_exp.pruning.expert.common import collect_stats, counters_delta, routing_groups, stat, timed
 from stun_exp.pruning.expert.configs import FrequencyConfig, RandomConfig, RoutingScoreConfig
 from stun_exp.pruning.expert.plan import ExpertPlan
 from stun_exp.pruning.expert.selection import n_removed, select
@@ -69,25 +70,41 @@ def random_scores(n_per_layer: Mapping[int, int], seed: int, scope: str,
 
 # ---- pruners -------------------------------------------------------------------------------------
 class _ObservedPruner:
-    """Shared plan(): one observer pass -> per-layer scores -> selection -> drop-only plan."""
+    """One observer pass -> per-layer scores -> selection -> drop-only plan."""
     method = ""
     keep_logits = False
+    needs = "calibration_stats"
+
+    @property
+    def name(self) -> str:
+        return self.method
 
     def scores(self, stats: Mapping[int, Any], layers: list[int]) -> dict[int, torch.Tensor]:
         raise NotImplementedError
 
+    def observer(self, adapter: Any, layers: list[int]) -> Any:
+        from stun_exp.observe.observer import ExpertObserver
+        return ExpertObserver(adapter, layers, keep_logits=self.keep_logits)
+
     def plan(self, ctx: Any) -> ExpertPlan:
-        cfg, a = self.cfg, ctx.adapter
+        self.cfg.validate(ctx.adapter.model_info())
+        before = ctx.counters.as_dict()
+        t0 = time.perf_counter()
+        stats = collect_stats(ctx, self, self.cfg.calib_batch_size)
+        plan = self.plan_from_stats(stats, ctx.adapter, ctx)
+        plan.meta["forward_passes"] = counters_delta(ctx, before)
+        plan.meta["wall_time_s"] = round(time.perf_counter() - t0, 4)
+        return plan
+
+    def plan_from_stats(self, stats: Mapping[int, Any], a: Any, ctx: Any) -> ExpertPlan:
+        cfg = self.cfg
         cfg.validate(a.model_info())
         layers = list(a.moe_layers)
         meta: dict[str, Any] = {"scope": cfg.scope}
-        before = ctx.counters.as_dict()
         with timed(meta):
-            stats, _ = observe(ctx, cfg.calib_batch_size, keep_logits=self.keep_logits)
             scores = self.scores(stats, layers)
             keep = select(scores, cfg.expert_sparsity, a.top_k, cfg.scope, routing_groups(a))
-        meta.update(scores={str(l): [float(x) for x in s] for l, s in scores.items()},
-                    forward_passes=counters_delta(ctx, before))
+        meta["scores"] = {str(l): [float(x) for x in s] for l, s in scores.items()}
         return ExpertPlan.from_keep(self.method, {l: a.num_experts(l) for l in layers}, keep,
                                     "slice_router", **meta)
 
@@ -130,7 +147,9 @@ def _logits(s: Any) -> torch.Tensor:
 
 
 class RandomPruner:
-    """Seeded random drop; needs no calibration pass."""
+    """Seeded random drop; needs no calibration pass (expert counts only)."""
+    name = "random"
+    needs = "weights"
 
     def __init__(self, **fields: Any) -> None:
         self.cfg = RandomConfig(**fields)

@@ -26,13 +26,11 @@ def forward_calibration(ctx: Any, batch_size: int) -> int:
     return len(batches)
 
 
-def observe(ctx: Any, batch_size: int, keep_logits: bool = False) -> tuple[dict, int]:
-    """Router statistics of one calibration pass: (``obs.stats``, number of full-model forwards)."""
-    from stun_exp.observe.observer import ExpertObserver
-    kwargs = {"keep_logits": True} if keep_logits else {}
-    with ExpertObserver(ctx.adapter, **kwargs) as obs:
-        passes = forward_calibration(ctx, batch_size)
-    return obs.stats, passes
+def collect_stats(ctx: Any, pruner: Any, batch_size: int) -> dict:
+    """One calibration pass with ``pruner.observer`` on every MoE layer; returns its ``.stats``."""
+    with pruner.observer(ctx.adapter, list(ctx.adapter.moe_layers)) as obs:
+        forward_calibration(ctx, batch_size)
+    return obs.stats
 
 
 def stat(s: Any, key: str) -> Any:

@@ -111,6 +111,8 @@ def masked_blocks(adapter: Any, drops: Mapping[int, Sequence[int]]) -> Iterator[
 
 class LuCombinatorialPruner:
     """Built by ``hydra.utils.instantiate(cfg.expert_pruner)``; fields as in ``LuCombinatorialConfig``."""
+    name = "lu_combinatorial"
+    needs = "whole_model"        # MoE-block forwards on the live model
 
     def __init__(self, **fields: Any) -> None:
         self.cfg = LuCombinatorialConfig(**fields)

@@ -69,6 +69,8 @@ def check_shapes(tuned: Mapping[int, torch.Tensor], pre: Mapping[int, torch.Tens
 
 class RouterChangePruner:
     """Built by ``hydra.utils.instantiate(cfg.expert_pruner)``; fields as in ``RouterChangeConfig``."""
+    name = "router_change"
+    needs = "whole_model"        # loads the pre-fine-tuning model as a whole
 
     def __init__(self, **fields: Any) -> None:
         self.cfg = RouterChangeConfig(**fields)

@@ -42,7 +42,8 @@ import torch
 
 from stun_exp.errors import ConfigError
 from stun_exp.pruning.expert import clustering as C
-from stun_exp.pruning.expert.common import counters_delta, observe, router_weights, routing_groups, stat, timed
+from stun_exp.pruning.expert.common import (collect_stats, counters_delta, router_weights, routing_groups, stat,
+                                            timed)
 from stun_exp.pruning.expert.configs import StunConfig
 from stun_exp.pruning.expert.counts import n_kept
 from stun_exp.pruning.expert.plan import ExpertPlan, LayerPlan
@@ -169,26 +170,42 @@ class StunPruner:
 
     def __init__(self, **fields: Any) -> None:
         self.cfg = StunConfig(**fields)
+        self.name = "stun"
 
-    def _coactivation(self, ctx: Any, meta: dict) -> dict[int, torch.Tensor]:
-        a = ctx.adapter
+    @property
+    def needs(self) -> str:
+        """Router distance (or precomputed counts): weights only; co-activation: one calibration pass."""
+        return "weights" if self.cfg.distance == "router" or self.cfg.coactivation_path else "calibration_stats"
+
+    def observer(self, adapter: Any, layers: list[int]) -> Any:
+        from stun_exp.observe.observer import ExpertObserver
+        return ExpertObserver(adapter, layers)
+
+    def plan(self, ctx: Any) -> ExpertPlan:
+        stats = None
+        if self.needs == "calibration_stats":
+            before = ctx.counters.as_dict()
+            stats = collect_stats(ctx, self, self.cfg.calib_batch_size)
+            ctx.info["stun_stats_passes"] = counters_delta(ctx, before)
+        return self.plan_from_stats(stats, ctx.adapter, ctx)
+
+    def _coactivation(self, stats: Any, a: Any, meta: dict) -> dict[int, torch.Tensor]:
         if self.cfg.coactivation_path:
             meta["coactivation_source"] = str(self.cfg.coactivation_path)
             return load_coactivation(self.cfg.coactivation_path, a.moe_layers,
                                      {l: a.num_experts(l) for l in a.moe_layers})
-        stats, passes = observe(ctx, self.cfg.calib_batch_size)
-        meta["coactivation_source"] = f"calibration pass ({passes} batches)"
+        meta.setdefault("coactivation_source", "calibration pass")
         return {l: stat(stats[l], "coact").detach().float().cpu() for l in a.moe_layers}
 
-    def plan(self, ctx: Any) -> ExpertPlan:
-        cfg, a = self.cfg, ctx.adapter
+    def plan_from_stats(self, stats: Any, a: Any, ctx: Any) -> ExpertPlan:
+        cfg = self.cfg
         info = a.model_info()
         cfg.validate(info)
         meta: dict[str, Any] = {"distance": cfg.distance, "scope": cfg.scope}
         before = ctx.counters.as_dict()
         with timed(meta):
             routers = router_weights(a) if cfg.distance in ("router", "mixed") else {}
-            coact = self._coactivation(ctx, meta) if cfg.distance != "router" else {}
+            coact = self._coactivation(stats, a, meta) if cfg.distance != "router" else {}
             groups = routing_groups(a)
             dists = {l: mask_cross_group(layer_distance(cfg, routers.get(l), coact.get(l)), groups[l])
                      for l in a.moe_layers}
@@ -203,7 +220,7 @@ class StunPruner:
                 return lambda e: [w for _, w in sorted(a.expert(l, e).items())]
 
             layers = {l: layer_plan(clusters[l], weights_of(l), cfg) for l in a.moe_layers}
-        meta["forward_passes"] = counters_delta(ctx, before)
+        meta["forward_passes"] = ctx.info.pop("stun_stats_passes", None) or counters_delta(ctx, before)
         meta["experts_per_layer_after"] = {str(l): len(lp.groups) for l, lp in layers.items()}
         before_total = sum(a.num_experts(l) for l in a.moe_layers)
         return ExpertPlan("stun", before_total, layers, "slice_router", meta)

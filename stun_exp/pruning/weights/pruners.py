@@ -97,9 +97,15 @@ class UnstructuredPruner:
         n_layers = len(ctx.adapter.layers)
         report = self._new_report(s)
         plan = self._layer_plan(ctx, s, n_layers, report)
-        engine = self._engine(ctx, "prune:" + self.name, gram=self.update == "sparsegpt")
-        engine.run(lambda l, targets, stats: self._prune_layer(l, targets, stats, plan[l], report),
-                   observe=self._needs_data)
+        engine = self._engine(ctx, "prune:" + self.name, gram=self.update == "sparsegpt", final=True)
+        def process(l: int, targets: list, stats: Optional[dict]) -> bool:
+            changed = self._prune_layer(l, targets, stats, plan[l], report)
+            row = report["per_layer"][str(l)]
+            ctx.progress("unstructured", {"layer": l, "target_sparsity": row["target_sparsity"],
+                                          "achieved": row["zeros"] / max(row["numel"], 1)})
+            return changed
+
+        engine.run(process, observe=self._needs_data)
         report["layer_forwards"] += engine.layer_forwards
         report["layer_seconds"] = [a + b for a, b in zip(engine.layer_seconds, report["layer_seconds"])] \
             if report["layer_seconds"] else engine.layer_seconds
@@ -122,9 +128,10 @@ class UnstructuredPruner:
             raise ConfigError("unstructured_pruner.sparsity", s, "a number in [0, 1)")
         return s
 
-    def _engine(self, ctx: Any, desc: str, gram: bool = False) -> SequentialEngine:
-        return SequentialEngine(ctx.model, ctx.adapter, ctx.calib, ctx.device, self.is_targeted,
-                                ctx.counters, gram=gram, desc=desc)
+    def _engine(self, ctx: Any, desc: str, gram: bool = False, final: bool = False) -> SequentialEngine:
+        """The run's engine (its runtime decides how layers are materialised); ``final``: the pass
+        whose layers are the pruned model (streaming writes them out as it goes)."""
+        return ctx.make_engine(desc=desc, select=self.is_targeted, gram=gram, final=final)
 
     def _layer_plan(self, ctx: Any, s: float, n_layers: int, report: dict) -> list[tuple]:
         """Per layer: (sparsity, nm or None)."""
