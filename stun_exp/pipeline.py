@@ -37,7 +37,7 @@ from stun_exp.config.sparsity import normalise as normalise_sparsity
 from stun_exp.config.sparsity import resolve as resolve_sparsity
 from stun_exp.config.validate import validate
 from stun_exp.context import RunContext
-from stun_exp.runtime import Runtime, make_runtime
+from stun_exp.runtime import InMemoryRuntime, Runtime
 from stun_exp.tracking import run_record
 from stun_exp.tracking.files import atomic_write_json, atomic_write_text
 from stun_exp.tracking.wandb_logger import RunLogger
@@ -75,6 +75,13 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def make_runtime(cfg: DictConfig, device: torch.device) -> Runtime:
+    if cfg.runtime.streaming:
+        from stun_exp.streaming.runtime import StreamingRuntime
+        return StreamingRuntime(cfg, device)
+    return InMemoryRuntime(cfg, device)
 
 
 # ---- stages -------------------------------------------------------------------------------------

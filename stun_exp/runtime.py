@@ -44,13 +44,6 @@ class Runtime(Protocol):
     def mask_digest(self) -> Optional[str]: ...
 
 
-def make_runtime(cfg: DictConfig, device: torch.device) -> Runtime:
-    if cfg.runtime.streaming:
-        from stun_exp.streaming.runtime import StreamingRuntime
-        return StreamingRuntime(cfg, device)
-    return InMemoryRuntime(cfg, device)
-
-
 def torch_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
     """The toy in fp32; ``model.dtype=auto`` = bf16 on CUDA, fp32 on CPU."""
     if cfg.model.kind == "toy":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from stun_exp.config.schema import Validatable, check_choice, check_range, schema
 from stun_exp.errors import ConfigError
@@ -138,7 +138,6 @@ class LuCombinatorialConfig(_ScoredConfig):
                               "Lu et al. keep the same count r in every layer")
         super().validate(info, prefix)
         if info is not None:
-            from stun_exp.pruning.expert.lu import check_budget
             check_budget(dict(info.experts_per_layer), info.moe_layers, self.expert_sparsity,
                          self.max_candidates, f"{prefix}.max_candidates")
 
@@ -289,3 +288,18 @@ class StunConfig(Validatable):
             raise ConfigError(key, val, f"a target between {floor} and {total} kept experts "
                               f"(asked {target}; each layer keeps at least top_k={info.top_k} and "
                               f"n - max_merges_per_layer (= {m}) experts)")
+
+
+def check_budget(experts_per_layer: Mapping[int, int], layers: Sequence[int], expert_sparsity: float,
+                 max_candidates: int, key: str = "expert_pruner.max_candidates") -> int:
+    """Raise ConfigError when any layer needs more than ``max_candidates`` = C(E, r) candidates."""
+    worst = 0
+    for l in layers:
+        n = experts_per_layer[l]
+        r = n_kept(expert_sparsity, n)
+        c = math.comb(n, r)
+        worst = max(worst, c)
+        if c > max_candidates:
+            raise ConfigError(key, max_candidates, f">= C({n},{r}) = {c} candidates (layer {l} keeps "
+                              f"{r} of {n} experts); Lu et al. enumerate every subset")
+    return worst

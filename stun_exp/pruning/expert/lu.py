@@ -32,21 +32,6 @@ from stun_exp.pruning.expert.selection import n_kept
 MoeFn = Callable[[torch.Tensor, Optional[Sequence[int]]], torch.Tensor]
 
 
-def check_budget(experts_per_layer: Mapping[int, int], layers: Sequence[int], expert_sparsity: float,
-                 max_candidates: int, key: str = "expert_pruner.max_candidates") -> int:
-    """Raise ConfigError when any layer needs more than ``max_candidates`` = C(E, r) candidates."""
-    worst = 0
-    for l in layers:
-        n = experts_per_layer[l]
-        r = n_kept(expert_sparsity, n)
-        c = math.comb(n, r)
-        worst = max(worst, c)
-        if c > max_candidates:
-            raise ConfigError(key, max_candidates, f">= C({n},{r}) = {c} candidates (layer {l} keeps "
-                              f"{r} of {n} experts); Lu et al. enumerate every subset")
-    return worst
-
-
 @torch.no_grad()
 def enumerate_drops(moe: MoeFn, xs: Sequence[torch.Tensor], zs: Sequence[torch.Tensor], n: int,
                     r: int, n_group: int = 1) -> tuple[tuple[int, ...], dict[tuple[int, ...], float]]:
