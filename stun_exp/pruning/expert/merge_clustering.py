@@ -12,8 +12,8 @@
 * Dominant expert of a cluster (``merge.py``): its most frequent member (first maximum).
 * Weight matching (``permute.py`` ``WeightMatchingPermuter``): cost[i, j] = Σ over gate, up (rows)
   and down (columns) of the squared L2 distance between intermediate neuron i of the expert and
-  neuron j of the dominant expert (``torch.cdist(..)**2`` in the weights' dtype), rounded to
-  float16 before ``scipy.optimize.linear_sum_assignment``; the permutation is
+  neuron j of the dominant expert (``torch.cdist(..)**2`` in the weights' dtype; on CPU, half
+  precision goes through a float32 cdist rounded back), rounded to float16 before ``scipy.optimize.linear_sum_assignment``; the permutation is
   ``argsort(col_ind)``: new neuron j = old neuron matched to the dominant's neuron j.
 """
 from __future__ import annotations
@@ -109,6 +109,10 @@ def dominant_of(members: Sequence[int], proba: torch.Tensor) -> int:
 
 # ---- weight matching -------------------------------------------------------------------------------
 def _sq_cdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.cdist(a, b) ** 2`` in the weights' dtype. CPU torch has no half-precision cdist: there
+    the distance is computed in float32 and rounded to the weights' dtype before squaring."""
+    if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.cdist(a.float(), b.float(), p=2).to(a.dtype) ** 2
     return torch.cdist(a, b, p=2) ** 2
 
 
@@ -120,12 +124,17 @@ def matching_cost(expert: Mapping[str, torch.Tensor], dom: Mapping[str, torch.Te
     return up + gate + down
 
 
+def matching_permutation(cost: torch.Tensor) -> list[int]:
+    """Assignment of a [I, I] cost (rounded to float16 first, as REAP's permuter does), returned
+    as p with p[j] = the expert neuron matched to the dominant's neuron j (``argsort(col_ind)``)."""
+    from scipy.optimize import linear_sum_assignment
+    _, col = linear_sum_assignment(cost.detach().cpu().to(torch.float16).numpy())
+    return torch.tensor(col, dtype=torch.long).argsort().tolist()
+
+
 def weight_matching_permutation(expert: Mapping[str, torch.Tensor], dom: Mapping[str, torch.Tensor]) -> list[int]:
     """Permutation p aligning `expert` to `dom`: neuron j of the aligned expert = neuron p[j]."""
-    from scipy.optimize import linear_sum_assignment
-    cost = matching_cost(expert, dom).cpu().to(torch.float16).numpy()
-    _, col = linear_sum_assignment(cost)
-    return torch.tensor(col, dtype=torch.long).argsort().tolist()
+    return matching_permutation(matching_cost(expert, dom))
 
 
 def permute_weights(w: Mapping[str, torch.Tensor], perm: Sequence[int]) -> dict[str, torch.Tensor]:
