@@ -4,7 +4,6 @@ zero weights, permutation invariance), keep-all-slots vs collapse, the plan cont
 fields, save -> reload round trips, and both pruners through the runner on every architecture."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 

@@ -180,7 +180,7 @@ def _close(s1: R.ReapStats, s2: R.ReapStats) -> None:
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "arctic", "deepseek_v3"])
 def test_routed_only_equals_all_experts_then_masked(arch):
-    model, a = tiny_model(arch), None
+    model = tiny_model(arch)
     a = get_adapter(model)
     captured = {}
     hooks = [a.moe_block(l).register_forward_pre_hook(

@@ -189,8 +189,9 @@ def test_m_smoe_clusters_permutations_and_merge_equal_reap(arch, n_clusters):
                     assert e == dom
                     continue
                 p = torch.tensor(perm)
-                for name, ours in (("up_proj", w["up"][p]), ("gate_proj", w["gate"][p]), ("down_proj", w["down"][:, p])):
-                    assert torch.equal(getattr(experts[e], name).weight, ours), (l, e, name)
+                ours = {"up_proj": w["up"][p], "gate_proj": w["gate"][p], "down_proj": w["down"][:, p]}
+                for name in ours:
+                    assert torch.equal(getattr(experts[e], name).weight, ours[name]), (l, e, name)
             order = [dom] + [e for e in g if e != dom]
             for name, key in (("up_proj", "up"), ("gate_proj", "gate"), ("down_proj", "down")):
                 ref = MG.MoEExpertMerger.frequency_weighted_average_merge(

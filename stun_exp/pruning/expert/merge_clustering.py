@@ -13,8 +13,9 @@
 * Weight matching (``permute.py`` ``WeightMatchingPermuter``): cost[i, j] = Σ over gate, up (rows)
   and down (columns) of the squared L2 distance between intermediate neuron i of the expert and
   neuron j of the dominant expert (``torch.cdist(..)**2`` in the weights' dtype; on CPU, half
-  precision goes through a float32 cdist rounded back), rounded to float16 before ``scipy.optimize.linear_sum_assignment``; the permutation is
-  ``argsort(col_ind)``: new neuron j = old neuron matched to the dominant's neuron j.
+  precision goes through a float32 cdist rounded back), rounded to float16 before
+  ``scipy.optimize.linear_sum_assignment``; the permutation is ``argsort(col_ind)``: new neuron j =
+  old neuron matched to the dominant's neuron j.
 """
 from __future__ import annotations
 
