@@ -24,7 +24,8 @@ M-SMoE) in the plan. ``removal``:
   weighted row keeps the logit on the members' scale and lets the most-used member dominate, the same
   convention as the merged weights (and the project's averaging rule for merged groups).
 * ``zero_output``: REAP's keep-all-slots behaviour: the merged weights are written into every member
-  slot and the router is unchanged (no memory saved; reproduces REAP's merged checkpoints).
+  slot and the router is unchanged (no memory saved; reproduces REAP's merged checkpoints). The plan's
+  ``experts_after`` then counts distinct merged experts, while the sparsity census removes no weights.
 
 Deliberate differences from REAP's code:
 * The weighted average is computed in float32 and normalised exactly (REAP: in the weights' dtype,
