@@ -36,6 +36,8 @@ Deliberate differences from REAP's code:
   than top_k, which only keep-all-slots can apply (a ConfigError says so).
 * The router-logit similarity uses the same ``F.cosine_similarity`` call, chunked over rows.
 * Group-limited routers (n_group > 1) are supported with ``zero_output`` only (clusters may span groups).
+* Cluster counts use each layer's own expert count (REAP takes the first layer's; equal for uniform models).
+* REAP's singleton-super-expert options (off in its scripts) are not offered.
 """
 from __future__ import annotations
 

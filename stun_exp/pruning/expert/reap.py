@@ -10,6 +10,11 @@ REAP's code; the kept experts keep their order, router rows and correction biase
 ``slice_router``). ``renormalize: null`` follows REAP's pruning entry point: on iff the model
 config's ``norm_topk_prob`` is truthy (so off for Mixtral, whose config has no such key).
 
+As in REAP's code, the tokens that count are the top-k of the raw router logits and the router weight is
+a softmax over all logits, whatever the model's own rule: for sigmoid routers with a correction bias
+(DeepSeek-V3 style) or group-limited choice (DeepSeek-V2 ``group_limited_greedy``) this can count
+tokens the model itself routes elsewhere.
+
 Deliberate differences from REAP's code:
 * Expert outputs are computed for routed tokens only (REAP evaluates every expert on every token
   and keeps the routed rows: same numbers, E/k times the compute).
@@ -21,6 +26,7 @@ Deliberate differences from REAP's code:
 * Group-limited routers (DeepSeek ``n_group`` > 1, an extension): the same number of experts,
   int(n·s)/n_group, is removed inside each routing group by REAP's rule (surgery needs balanced
   groups); REAP's code has no group handling.
+* Each layer's count uses its own expert count (REAP takes the first layer's; equal for uniform models).
 * The super-expert / outlier preservation options of REAP's CLI (off by default) are not offered.
 """
 from __future__ import annotations
