@@ -207,3 +207,17 @@ def test_std_columns_over_seeds(runs: Path) -> None:
     wanda = df[df["method"] == "Wanda"].iloc[0]
     assert wanda["Arith sd"] == pytest.approx(7.0710678, rel=1e-6)   # stdev(50, 40)
     assert pd.isna(df[df["method"] == "unpruned"].iloc[0]["Arith sd"])  # one run: no sd
+
+
+def test_plot_where_selects_rows() -> None:
+    """A plot's optional `where` keeps the rows whose index keys match (null: key absent)."""
+    from stun_exp.errors import ConfigError
+    from stun_exp.reproduce.plots import select_rows
+    df = pd.DataFrame({"expert_sparsity": [0.25, 0.25, 0.5], "total": [None, 0.4, 0.65],
+                       "method": ["A", "A", "A"], "avg": [1.0, 2.0, 3.0]})
+    assert select_rows(df, {"total": None})["avg"].tolist() == [1.0]
+    assert select_rows(df, {"total": 0.4})["avg"].tolist() == [2.0]
+    assert select_rows(df, None)["avg"].tolist() == [1.0, 2.0, 3.0]
+    bad = dict(EXP, plots=[{"file": "p", "x": "sparsity", "y": "Arith", "where": {"total": 0.4}}])
+    with pytest.raises(ConfigError, match="plots.where"):
+        parse_experiment(bad)

@@ -14,9 +14,13 @@ Two removal semantics (design.md, recorded in ``config.expert_removal``):
                   No renormalisation over survivors is done (that would be a different method).
 
 Merging (STUN reconstruction, ``ExpertPlan`` with a null representative): a group's experts and
-router rows (biases too) are averaged, uniformly or with given weights. Under zero_output a merged
+router rows (biases too) are averaged, uniformly or with given weights (a plan's optional
+``merge_weights``; weights summing to 0 give a zero expert and router row). Under zero_output a merged
 group's average is written into every member's slot (router untouched, so tokens routed to any
 member now reach the merged expert) and non-representative members of a kept group are zeroed.
+A plan's optional ``permutations`` reorder a member's intermediate neurons (gate/up rows, down
+columns, gate/up biases) before averaging (``permute_expert``); that leaves the expert's function
+unchanged.
 
 Group-limited routers (DeepSeek ``n_group`` > 1) assign experts to groups by position, so
 ``slice_router`` must keep the same number of experts in every original group (else ConfigError);
@@ -45,6 +49,8 @@ def _combine(t: torch.Tensor, members: list[int], weights: Optional[list[float]]
     if len(members) == 1:
         return t[members[0]].clone()
     w = torch.tensor(weights if weights is not None else [1.0] * len(members), dtype=torch.float32)
+    if w.sum() == 0:
+        return torch.zeros_like(t[members[0]])
     w = (w / w.sum()).to(t.device)
     stacked = t[members].float()
     return torch.einsum("m,m...->...", w, stacked).to(t.dtype)
@@ -171,6 +177,33 @@ def _write_merged(adapter: MoEAdapter, l: int, members: list[int], weights: Opti
             getattr(ex, n).data[m].copy_(b)
 
 
+# ---- neuron permutation --------------------------------------------------------------------------
+@torch.no_grad()
+def permute_expert(adapter: MoEAdapter, l: int, e: int, perm: Sequence[int]) -> None:
+    """Reorder expert e's intermediate neurons: new neuron j = old neuron perm[j] (function unchanged)."""
+    _check_ids(adapter, l, [e], "permuted expert")
+    w = adapter.expert(l, e)
+    size = w["gate"].shape[0]
+    if sorted(int(x) for x in perm) != list(range(size)):
+        raise ConfigError(f"permutation of expert {e} (layer {l})", f"length {len(perm)}",
+                          f"a reordering of the {size} intermediate neurons 0..{size - 1}")
+    p = torch.as_tensor([int(x) for x in perm], dtype=torch.long, device=w["gate"].device)
+    adapter.set_expert(l, e, gate=w["gate"][p].clone(), up=w["up"][p].clone(), down=w["down"][:, p].clone())
+    ex, lay = adapter.experts(l), adapter.spec.layout
+    if lay == "modulelist":
+        for name in adapter.spec.modulelist_names[:2]:
+            b = getattr(ex[e], name).bias
+            if b is not None:
+                b.data.copy_(b.data[p])
+        return
+    b = getattr(ex, "gate_up_proj_bias", None)
+    if isinstance(b, torch.Tensor):
+        row = b.data[e]
+        parts = (row[0::2], row[1::2]) if lay == "fused_transposed_interleaved" else (row[:size], row[size:])
+        for part in parts:
+            part.copy_(part[p].clone())
+
+
 # ---- config bookkeeping --------------------------------------------------------------------------
 def _record(adapter: MoEAdapter, semantics: str, l: int, zeroed: Sequence[int] = ()) -> None:
     cfg, spec = adapter.config, adapter.spec
@@ -252,12 +285,20 @@ def apply_plan(adapter: MoEAdapter, plan: ExpertPlan) -> None:
     """Apply an ExpertPlan: each group -> one surviving expert, in group order.
 
     A group with a representative keeps that expert unchanged (other members are removed); a
-    null representative averages the group's members. Honors ``plan.removal``.
+    null representative averages the group's members (with the layer's ``merge_weights`` if given,
+    after its ``permutations``). Honors ``plan.removal``.
     """
     _check_semantics(plan.removal)
     moe = set(adapter.moe_layers)
     for l, lp in sorted(plan.layers.items()):
         if l not in moe:
             raise ConfigError("expert plan layer", l, [str(i) for i in sorted(moe)], hint="not a MoE layer")
+        for g, perms in zip(lp.groups, lp.permutations or []):
+            for e, p in zip(g, perms or []):
+                if p is not None:
+                    permute_expert(adapter, l, e, p)
         groups = [[r] if r is not None else g for g, r in zip(lp.groups, lp.representatives)]
-        merge_experts(adapter, l, groups, semantics=plan.removal)
+        weights = None
+        if lp.merge_weights is not None:
+            weights = [None if r is not None else w for r, w in zip(lp.representatives, lp.merge_weights)]
+        merge_experts(adapter, l, groups, weights, semantics=plan.removal)

@@ -55,11 +55,22 @@ def _isnum(v: Any) -> bool:
         return False
 
 
+def select_rows(df: pd.DataFrame, where: dict[str, Any] | None) -> pd.DataFrame:
+    """Rows whose index keys equal ``where``'s values (a plot spec's optional filter; null matches
+    rows without that key, e.g. runs with no unstructured phase)."""
+    if not where or not len(df):
+        return df
+    from stun_exp.reproduce.tables import _key
+    keep = [all(_key(r[k]) == _key(v) for k, v in where.items()) for _, r in df.iterrows()]
+    return df[keep]
+
+
 def plot(exp: Experiment, df: pd.DataFrame, spec: dict[str, Any], mode: str, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    df = select_rows(df, spec.get("where"))
     x, y, series = spec["x"], spec["y"], spec.get("series")
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     base = spec.get("baseline")

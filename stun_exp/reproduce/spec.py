@@ -15,7 +15,8 @@ Shape (every key is checked on load, errors name the file and the key)::
     gap: {key: method, minuend: STUN+OWL, subtrahend: OWL}      # optional extra rows "A - B"
     std: true                            # optional: "<col> sd" columns, sample std over the runs of a row
     plots: [{file: acc_vs_sparsity, x: sparsity, y: GSM8K, series: method, baseline: unpruned}]
-                                          # baseline: that method's points start every other curve
+                                          # baseline: that method's points start every other curve;
+                                          # optional where: {key: value} plots only those rows
     paper: {source: ..., verified: false, rows: [{sparsity: 0.4, method: OWL, GSM8K: 63.76}, ...]}
     modes:
       real: {select: {config.model.name_or_path: ...}, sweeps: [[model=arctic, ...], ...]}
@@ -130,3 +131,6 @@ def _check(exp: Experiment, where: str) -> None:
         for k in ("x", "series"):
             if p.get(k) is not None and p[k] not in exp.index:
                 raise ConfigError(f"{where}: plots.{k}", p[k], exp.index)
+        for k in p.get("where") or {}:
+            if k not in exp.index:
+                raise ConfigError(f"{where}: plots.where", k, exp.index)

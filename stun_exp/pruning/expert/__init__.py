@@ -2,6 +2,8 @@
 
 ``expert_pruner=<name>`` picks one (conf/expert_pruner/<name>.yaml, schema in configs.py); every
 pruner has ``plan(ctx: RunContext) -> ExpertPlan`` and counts the forward passes it runs.
+Pruners with ``needs = "calibration_stats"`` (reap, hc_smoe, m_smoe; see calibrated.py) also split
+planning into ``observer(adapter, layers)`` and ``plan_from_stats(stats, adapter, ctx)``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ PRUNERS = {
     "routing_score": "stun_exp.pruning.expert.baselines.RoutingScorePruner",
     "random": "stun_exp.pruning.expert.baselines.RandomPruner",
     "router_change": "stun_exp.pruning.expert.router_change.RouterChangePruner",
+    "reap": "stun_exp.pruning.expert.reap.ReapPruner",
+    "hc_smoe": "stun_exp.pruning.expert.merging.HcSmoePruner",
+    "m_smoe": "stun_exp.pruning.expert.merging.MSmoePruner",
 }
 
 

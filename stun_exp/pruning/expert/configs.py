@@ -290,6 +290,125 @@ class StunConfig(Validatable):
                               f"n - max_merges_per_layer (= {m}) experts)")
 
 
+# ---- REAP and the expert-merging baselines (CerebrasResearch/reap) ---------------------------------
+REAP_CRITERIA = ["reap", "ean_sum", "ean_mean", "weighted_ean_sum", "frequency", "weighted_frequency"]
+MERGE_REMOVALS = ["slice_router", "zero_output"]
+HC_SMOE_LINKAGES = ["average", "single", "complete", "ward"]
+HC_SMOE_DISTANCES = ["euclidean", "cosine", "angular"]
+
+
+def reap_n_pruned(expert_sparsity: float, n: int) -> int:
+    """Experts REAP removes from n: ``int(n * compression_ratio)`` (truncation, prune.py main)."""
+    return int(n * expert_sparsity)
+
+
+def reap_n_clusters(expert_sparsity: float, n: int) -> int:
+    """Clusters REAP forms from n experts: ``int(n * (1 - compression_ratio))`` (main.py main)."""
+    return int(n * (1 - expert_sparsity))
+
+
+def _check_int(key: str, value: Any, lo: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(key, value, f"an integer >= {lo}")
+
+
+def _check_bool_or_null(key: str, value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(key, value, ["null", "true", "false"])
+
+
+@schema("expert_pruner", "reap")
+@dataclass
+class ReapConfig(Validatable):
+    """REAP (router-weighted expert activation pruning) and the saliencies REAP's code ships."""
+    _target_: str = f"{_PKG}.reap.ReapPruner"
+    name: str = "reap"
+    criterion: str = "reap"
+    renormalize: Optional[bool] = None
+    expert_sparsity: float = 0.25
+    scope: str = "layer"
+    calib_batch_size: int = 1
+
+    def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
+        check_choice(f"{prefix}.criterion", self.criterion, REAP_CRITERIA)
+        _check_bool_or_null(f"{prefix}.renormalize", self.renormalize)
+        check_range(f"{prefix}.expert_sparsity", self.expert_sparsity, 0.0, 1.0)
+        check_choice(f"{prefix}.scope", self.scope, SCOPES)
+        _check_int(f"{prefix}.calib_batch_size", self.calib_batch_size)
+        if info is None:
+            return
+        key, s = f"{prefix}.expert_sparsity", self.expert_sparsity
+        if self.scope == "global":
+            if info.n_group > 1:
+                raise ConfigError(f"{prefix}.scope", self.scope, ["layer"],
+                                  "a global ranking cannot keep routing groups balanced (n_group > 1)")
+            _check_sparsity_keeps_topk(key, s, "global", info)
+            return
+        for l in info.moe_layers:
+            n = info.experts_per_layer[l]
+            drop = reap_n_pruned(s, n)
+            if n - drop < info.top_k:
+                raise ConfigError(key, s, f"a fraction that keeps >= top_k={info.top_k} of the {n} experts "
+                                  f"of layer {l} (int({n}*{s}) = {drop} removed)")
+            if info.n_group > 1 and drop % info.n_group:
+                raise ConfigError(key, s, f"a fraction whose removed count int({n}*s) is divisible by "
+                                  f"n_group={info.n_group} (group routing needs equal survivors per group)")
+
+
+@dataclass
+class _MergeConfig(Validatable):
+    """Fields shared by the merging baselines: each cluster of experts becomes one merged expert."""
+    expert_sparsity: float = 0.25
+    removal: str = "slice_router"      # slice_router: collapse each cluster; zero_output: REAP's keep-all-slots
+    calib_batch_size: int = 8
+
+    def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
+        check_range(f"{prefix}.expert_sparsity", self.expert_sparsity, 0.0, 1.0)
+        check_choice(f"{prefix}.removal", self.removal, MERGE_REMOVALS)
+        _check_int(f"{prefix}.calib_batch_size", self.calib_batch_size)
+        if info is None:
+            return
+        if self.removal == "slice_router" and info.n_group > 1:
+            raise ConfigError(f"{prefix}.removal", self.removal, ["zero_output"],
+                              f"clusters would span routing groups (n_group={info.n_group}); keep-all-slots "
+                              "merging leaves the groups intact")
+        for l in info.moe_layers:
+            n = info.experts_per_layer[l]
+            c = reap_n_clusters(self.expert_sparsity, n)
+            if c < info.top_k:
+                raise ConfigError(f"{prefix}.expert_sparsity", self.expert_sparsity,
+                                  f"a fraction leaving >= top_k={info.top_k} clusters of the {n} experts of "
+                                  f"layer {l} (int({n}*(1-s)) = {c})")
+
+
+@schema("expert_pruner", "hc_smoe")
+@dataclass
+class HcSmoeConfig(_MergeConfig):
+    """HC-SMoE as REAP runs it: hierarchical clustering of characteristic activations, per layer."""
+    _target_: str = f"{_PKG}.merging.HcSmoePruner"
+    name: str = "hc_smoe"
+    linkage: str = "average"
+    distance: str = "euclidean"
+
+    def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
+        check_choice(f"{prefix}.linkage", self.linkage, HC_SMOE_LINKAGES)
+        check_choice(f"{prefix}.distance", self.distance, HC_SMOE_DISTANCES)
+        super().validate(info, prefix)
+
+
+@schema("expert_pruner", "m_smoe")
+@dataclass
+class MSmoeConfig(_MergeConfig):
+    """M-SMoE as REAP runs it: global dominant experts, router-logit grouping, aligned merge."""
+    _target_: str = f"{_PKG}.merging.MSmoePruner"
+    name: str = "m_smoe"
+    permute: str = "wm"
+
+    def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
+        check_choice(f"{prefix}.permute", self.permute, ["wm", "none"])
+        super().validate(info, prefix)
+
+
 def check_budget(experts_per_layer: Mapping[int, int], layers: Sequence[int], expert_sparsity: float,
                  max_candidates: int, key: str = "expert_pruner.max_candidates") -> int:
     """Raise ConfigError when any layer needs more than ``max_candidates`` = C(E, r) candidates."""
