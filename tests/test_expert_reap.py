@@ -278,7 +278,7 @@ def test_renormalize_follows_reaps_rule():
 def test_registered_and_interface():
     for name in ("reap", "hc_smoe", "m_smoe"):
         cls = pruner_class(name)
-        assert cls.needs == "calibration_stats"
+        assert cls(name=name).needs == "calibration_stats"
         assert callable(cls.observer) and callable(cls.plan_from_stats)
 
 

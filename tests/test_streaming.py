@@ -214,3 +214,13 @@ def test_checkpoint_not_kept_when_asked(tmp_path):
                "run")
     assert res["checkpoint"] is None and not (tmp_path / "run" / "checkpoint").exists()
     assert res["config"]["save_checkpoint"] is False
+
+
+@pytest.mark.parametrize("pruner", ["reap", "hc_smoe", "m_smoe"])
+def test_reap_and_merging_equal(tmp_path, pruner):
+    """REAP's saliencies and the merging baselines' clusters from a streaming pass equal in-memory ones."""
+    src = _save(tmp_path / "src", legacy=True)
+    mem, st = _both(tmp_path, src, [f"expert_pruner={pruner}", "expert_pruner.expert_sparsity=0.25",
+                                    "unstructured_pruner=wanda", "sparsity=0.5"])
+    _assert_same(mem, st)
+    assert st["expert_pruning"]["meta"]["statistics_source"].startswith("streaming")

@@ -133,15 +133,13 @@ def _cross_checks(cfg: DictConfig, info: Any, request: Any) -> None:
         _check_streaming(cfg)
 
 
-# What the streaming runtime cannot honour (it never holds the whole model).
-STREAMING_EXPERT_PRUNERS = ["none", "stun", "frequency", "routing_score", "random"]
-
-
 def _check_streaming(cfg: DictConfig) -> None:
+    """What the streaming runtime cannot honour (it never holds the whole model)."""
     ep = cfg.expert_pruner.name
-    if ep not in STREAMING_EXPERT_PRUNERS:
-        raise ConfigError("expert_pruner", ep, f"one of {', '.join(STREAMING_EXPERT_PRUNERS)} with "
-                          "runtime=streaming (this method runs whole-model forwards; use runtime=default)")
+    node = as_schema(cfg.expert_pruner)
+    if ep != "none" and (not hasattr(node, "needs") or node.needs() == "whole_model"):
+        raise ConfigError("expert_pruner", ep, "a pruner that reads weights or one calibration pass with "
+                          "runtime=streaming (this method needs the whole model: use runtime=default)")
     if cfg.distill.name != "none":
         raise ConfigError("distill", cfg.distill.name, "none with runtime=streaming (distillation trains "
                           "the whole model; use runtime=default)")

@@ -89,6 +89,13 @@ def spec_for_class_names(names: Sequence[str], what: str) -> ArchSpec:
                            f"(plus a tiny model in tests/tiny_models.py){closest(shown, SUPPORTED_CLASSES)}")
 
 
+def spec_for_model(names: Sequence[str], config: Any, what: str) -> ArchSpec:
+    """The ArchSpec of a model class (MRO names) and its config; ``DENSE_SPEC`` for a dense decoder."""
+    if not any(n in CLASS_TO_SPEC for n in names) and _is_dense_config(config):
+        return DENSE_SPEC
+    return spec_for_class_names(names, what)
+
+
 def _is_dense_config(config: Any) -> bool:
     """A causal-LM config with no routed-expert count (a dense decoder)."""
     return not any(int(getattr(config, k, 0) or 0) > 0 for k in EXPERT_COUNT_KEYS)

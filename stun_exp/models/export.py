@@ -46,7 +46,7 @@ from torch import nn
 
 from ..tracking.files import atomic_replace_dir, atomic_write_text
 from . import pruned_moe_code
-from .adapter import PER_LAYER_KEY, REMOVAL_KEY, ORIGINAL_KEY, model_info_from_config, spec_for_class_names
+from .adapter import ORIGINAL_KEY, PER_LAYER_KEY, REMOVAL_KEY, model_info_from_config, spec_for_model
 from .arch_table import ArchSpec
 
 REMOTE_MODULE = "modeling_pruned_moe"
@@ -183,7 +183,7 @@ def consistent_groups(config: Any, spec: ArchSpec, n: int) -> list[str]:
 
 def export_config(config: Any, model_class: type) -> tuple[Any, ExportInfo]:
     """A copy of `config` made vanilla (uniform) or pointing to its own code (per_layer)."""
-    spec = spec_for_class_names([c.__name__ for c in model_class.__mro__], f"class {model_class.__name__}")
+    spec = spec_for_model([c.__name__ for c in model_class.__mro__], config, f"class {model_class.__name__}")
     cfg = copy.deepcopy(config)
     info = model_info_from_config(cfg)
     counts = {l: int(info.experts_per_layer[l]) for l in info.moe_layers}
@@ -247,7 +247,7 @@ def finalize_checkpoint_dir(path: str | Path, config: Any, model_class: type,
     for f in _code_files([type(config), base]):
         if f.parent.resolve() != path.resolve():
             shutil.copy2(f, path / f.name)
-    spec = spec_for_class_names([base.__name__], "export")
+    spec = spec_for_model([base.__name__], config, "export")
     if info.kind == "per_layer":
         atomic_write_text(stale, remote_code(base, spec))
     _write_config(cfg, spec, path)

@@ -35,7 +35,8 @@ class ExpertOutputObserver:
     """Context manager filling ``stats[l]`` (``ReapStats``) for the given MoE layers."""
 
     def __init__(self, adapter: MoEAdapter, layers: Optional[list[int]] = None, *, renormalize: bool,
-                 characteristic: bool = False, logit_similarity: bool = False) -> None:
+                 characteristic: bool = False, logit_similarity: bool = False,
+                 batch_sequences: Optional[int] = None) -> None:
         moe = adapter.moe_layers
         self.adapter, self.layers = adapter, list(moe if layers is None else layers)
         bad = [l for l in self.layers if l not in moe]
@@ -45,6 +46,12 @@ class ExpertOutputObserver:
         self.stats: dict[int, ReapStats] = {}
         self._mask: Optional[torch.Tensor] = None
         self._handles: list[Any] = []
+        # REAP's statistics are per calibration batch (running means, M-SMoE's per-batch cosine): with
+        # batch_sequences set, calls carrying fewer sequences (one decoder layer at a time, batch 1) are
+        # buffered into batches of that many sequences, so every runtime sees the same batches.
+        self.batch_sequences = batch_sequences
+        self._buffer: dict[int, list[torch.Tensor]] = {}
+        self._buffered: dict[int, int] = {}
 
     @contextmanager
     def token_mask(self, mask: Optional[torch.Tensor]) -> Iterator[None]:
@@ -68,13 +75,28 @@ class ExpertOutputObserver:
 
     @torch.no_grad()
     def observe(self, l: int, h: torch.Tensor) -> None:
-        """Add one MoE-block call on hidden states h [..., H] to layer l's statistics."""
-        ad = self.adapter
+        """Add one MoE-block call on hidden states h [sequences, T, H] (or [N, H]) to layer l."""
         x = h.reshape(-1, h.shape[-1])
-        logits = ad.router_logits(l, x)
         if self._mask is not None:
-            keep = self._mask.reshape(-1).bool().to(x.device)
-            x, logits = x[keep], logits[keep]
+            x = x[self._mask.reshape(-1).bool().to(x.device)]
+        if self.batch_sequences is None:
+            self._observe_batch(l, x)
+            return
+        self._buffer.setdefault(l, []).append(x)
+        self._buffered[l] = self._buffered.get(l, 0) + (h.shape[0] if h.dim() == 3 else 1)
+        if self._buffered[l] >= self.batch_sequences:
+            self._flush(l)
+
+    def _flush(self, l: int) -> None:
+        if self._buffer.get(l):
+            self._observe_batch(l, torch.cat(self._buffer.pop(l)))
+        self._buffered[l] = 0
+
+    @torch.no_grad()
+    def _observe_batch(self, l: int, x: torch.Tensor) -> None:
+        """One calibration batch of (unmasked) tokens x [N, H] into layer l's statistics."""
+        ad = self.adapter
+        logits = ad.router_logits(l, x)
         st = self._layer(l, x.shape[-1])
         if x.shape[0] == 0:
             return
@@ -117,3 +139,5 @@ class ExpertOutputObserver:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for l in list(self._buffer):              # the last, partial batch
+            self._flush(l)

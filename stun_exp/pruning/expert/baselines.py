@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from stun_exp.pruning.expert.common import collect_stats, counters_delta, routing_groups, stat, timed
+from stun_exp.pruning.expert.common import ConfiguredPruner, collect_stats, counters_delta, routing_groups, stat, timed
 from stun_exp.pruning.expert.configs import FrequencyConfig, RandomConfig, RoutingScoreConfig
 from stun_exp.pruning.expert.plan import ExpertPlan
 from stun_exp.pruning.expert.selection import n_removed, select
@@ -69,15 +69,10 @@ def random_scores(n_per_layer: Mapping[int, int], seed: int, scope: str,
 
 
 # ---- pruners -------------------------------------------------------------------------------------
-class _ObservedPruner:
+class _ObservedPruner(ConfiguredPruner):
     """One observer pass -> per-layer scores -> selection -> drop-only plan."""
     method = ""
     keep_logits = False
-    needs = "calibration_stats"
-
-    @property
-    def name(self) -> str:
-        return self.method
 
     def scores(self, stats: Mapping[int, Any], layers: list[int]) -> dict[int, torch.Tensor]:
         raise NotImplementedError
@@ -146,10 +141,8 @@ def _logits(s: Any) -> torch.Tensor:
     return torch.cat(list(lg)) if isinstance(lg, (list, tuple)) else lg
 
 
-class RandomPruner:
+class RandomPruner(ConfiguredPruner):
     """Seeded random drop; needs no calibration pass (expert counts only)."""
-    name = "random"
-    needs = "weights"
 
     def __init__(self, **fields: Any) -> None:
         self.cfg = RandomConfig(**fields)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from stun_exp.observe.expert_outputs import ExpertOutputObserver
-from stun_exp.pruning.expert.common import counters_delta, forward_calibration, timed
+from stun_exp.pruning.expert.common import ConfiguredPruner, counters_delta, forward_calibration, timed
 from stun_exp.pruning.expert.plan import ExpertPlan
 
 
@@ -27,9 +27,8 @@ def resolve_renormalize(setting: bool | None, config: Any) -> bool:
     return bool(setting)
 
 
-class CalibrationStatsPruner:
+class CalibrationStatsPruner(ConfiguredPruner):
     """Base: ``observer`` + ``plan_from_stats``; subclasses set ``cfg`` and the observer extras."""
-    needs = "calibration_stats"
     characteristic = False
     logit_similarity = False
 
@@ -38,7 +37,8 @@ class CalibrationStatsPruner:
 
     def observer(self, adapter: Any, layers: list[int]) -> ExpertOutputObserver:
         return ExpertOutputObserver(adapter, layers, renormalize=self.renormalize(adapter),
-                                    characteristic=self.characteristic, logit_similarity=self.logit_similarity)
+                                    characteristic=self.characteristic, logit_similarity=self.logit_similarity,
+                                    batch_sequences=self.cfg.calib_batch_size)
 
     def plan_from_stats(self, stats: dict[int, Any], adapter: Any, ctx: Any) -> ExpertPlan:
         raise NotImplementedError

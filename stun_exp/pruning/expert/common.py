@@ -11,6 +11,20 @@ import torch
 log = logging.getLogger(__name__)
 
 
+class ConfiguredPruner:
+    """Base of every expert pruner: its schema (``cfg``) says its name and what it needs."""
+    cfg: Any
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def needs(self) -> str:
+        """``weights`` | ``calibration_stats`` | ``whole_model`` (see ``stun_exp.runtime``)."""
+        return self.cfg.needs()
+
+
 def calib_batches(calib: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Split the [n, seqlen] calibration ids into consecutive batches of ``batch_size`` sequences."""
     return [calib[i:i + batch_size] for i in range(0, calib.shape[0], batch_size)]

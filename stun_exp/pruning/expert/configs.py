@@ -62,6 +62,10 @@ class _ScoredConfig(Validatable):
             raise ConfigError(f"{prefix}.calib_batch_size", self.calib_batch_size, "an integer >= 1")
         _check_sparsity_keeps_topk(f"{prefix}.expert_sparsity", self.expert_sparsity, self.scope, info)
 
+    def needs(self) -> str:
+        """What the pruner reads (see ``stun_exp.runtime``): one observed calibration pass."""
+        return "calibration_stats"
+
     def experts_removed(self, info: Any) -> int:
         """Experts this config removes from a model with ``info`` (known before the run)."""
         if self.scope == "layer":
@@ -98,6 +102,9 @@ class RandomConfig(_ScoredConfig):
     name: str = "random"
     seed: int = 0
 
+    def needs(self) -> str:
+        return "weights"          # expert counts only
+
     def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
         if self.seed < 0:
             raise ConfigError(f"{prefix}.seed", self.seed, "a non-negative integer")
@@ -112,6 +119,9 @@ class RouterChangeConfig(_ScoredConfig):
     pretrained_path: Optional[str] = None
     delta: str = "norm_diff"
     removal: str = "zero_output"
+
+    def needs(self) -> str:
+        return "whole_model"      # loads the pre-fine-tuning model as a whole
 
     def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
         # pretrained_path may be null here: the runner fills it from model.pretrained_path (or the toy
@@ -128,6 +138,9 @@ class LuCombinatorialConfig(_ScoredConfig):
     name: str = "lu_combinatorial"
     variant: str = "layerwise"
     max_candidates: int = 10000
+
+    def needs(self) -> str:
+        return "whole_model"      # MoE-block forwards of every candidate on the live model
 
     def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
         check_choice(f"{prefix}.variant", self.variant, ["layerwise", "progressive"])
@@ -262,6 +275,10 @@ class StunConfig(Validatable):
             cap = n if searching else 1
         return max(0, min(int(cap), n - top_k))
 
+    def needs(self) -> str:
+        """Router distance or precomputed counts: weights only; co-activation: one calibration pass."""
+        return "weights" if self.distance == "router" or self.coactivation_path else "calibration_stats"
+
     def experts_removed(self, info: Any) -> Optional[int]:
         """Experts removed when a target is given; None for a pass at ``threshold`` (known after it)."""
         target = self.target(info)
@@ -329,6 +346,14 @@ class ReapConfig(Validatable):
     scope: str = "layer"
     calib_batch_size: int = 1
 
+    def needs(self) -> str:
+        return "calibration_stats"
+
+    def experts_removed(self, info: Any) -> int:
+        if self.scope == "layer":
+            return sum(reap_n_pruned(self.expert_sparsity, info.experts_per_layer[l]) for l in info.moe_layers)
+        return n_removed(self.expert_sparsity, _total(info))
+
     def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
         check_choice(f"{prefix}.criterion", self.criterion, REAP_CRITERIA)
         _check_bool_or_null(f"{prefix}.renormalize", self.renormalize)
@@ -362,6 +387,9 @@ class _MergeConfig(Validatable):
     removal: str = "slice_router"      # slice_router: collapse each cluster; zero_output: REAP's keep-all-slots
     calib_batch_size: int = 8
 
+    def needs(self) -> str:
+        return "calibration_stats"
+
     def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
         check_range(f"{prefix}.expert_sparsity", self.expert_sparsity, 0.0, 1.0)
         check_choice(f"{prefix}.removal", self.removal, MERGE_REMOVALS)
@@ -389,6 +417,13 @@ class HcSmoeConfig(_MergeConfig):
     name: str = "hc_smoe"
     linkage: str = "average"
     distance: str = "euclidean"
+
+    def experts_removed(self, info: Any) -> int:
+        """Collapsed clusters: n - int(n(1-s)) per layer; keep-all-slots removes none."""
+        if self.removal == "zero_output":
+            return 0
+        return sum(info.experts_per_layer[l] - reap_n_clusters(self.expert_sparsity, info.experts_per_layer[l])
+                   for l in info.moe_layers)
 
     def validate(self, info: Any = None, prefix: str = "expert_pruner") -> None:
         check_choice(f"{prefix}.linkage", self.linkage, HC_SMOE_LINKAGES)

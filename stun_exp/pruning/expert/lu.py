@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from stun_exp.errors import ConfigError
-from stun_exp.pruning.expert.common import calib_batches, counters_delta, routing_groups, timed
+from stun_exp.pruning.expert.common import ConfiguredPruner, calib_batches, counters_delta, routing_groups, timed
 from stun_exp.pruning.expert.configs import LuCombinatorialConfig
 from stun_exp.pruning.expert.plan import ExpertPlan
 from stun_exp.pruning.expert.selection import n_kept
@@ -94,10 +94,8 @@ def masked_blocks(adapter: Any, drops: Mapping[int, Sequence[int]]) -> Iterator[
             h.remove()
 
 
-class LuCombinatorialPruner:
+class LuCombinatorialPruner(ConfiguredPruner):
     """Built by ``hydra.utils.instantiate(cfg.expert_pruner)``; fields as in ``LuCombinatorialConfig``."""
-    name = "lu_combinatorial"
-    needs = "whole_model"        # MoE-block forwards on the live model
 
     def __init__(self, **fields: Any) -> None:
         self.cfg = LuCombinatorialConfig(**fields)

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from stun_exp.errors import ConfigError
-from stun_exp.pruning.expert.common import router_weights, routing_groups, timed
+from stun_exp.pruning.expert.common import ConfiguredPruner, router_weights, routing_groups, timed
 from stun_exp.pruning.expert.configs import RouterChangeConfig
 from stun_exp.pruning.expert.plan import ExpertPlan
 from stun_exp.pruning.expert.selection import select
@@ -67,10 +67,8 @@ def check_shapes(tuned: Mapping[int, torch.Tensor], pre: Mapping[int, torch.Tens
                               f"{tuple(w.shape)} here but {got} in the pretrained model")
 
 
-class RouterChangePruner:
+class RouterChangePruner(ConfiguredPruner):
     """Built by ``hydra.utils.instantiate(cfg.expert_pruner)``; fields as in ``RouterChangeConfig``."""
-    name = "router_change"
-    needs = "whole_model"        # loads the pre-fine-tuning model as a whole
 
     def __init__(self, **fields: Any) -> None:
         self.cfg = RouterChangeConfig(**fields)

@@ -42,7 +42,7 @@ import torch
 
 from stun_exp.errors import ConfigError
 from stun_exp.pruning.expert import clustering as C
-from stun_exp.pruning.expert.common import (collect_stats, counters_delta, router_weights, routing_groups, stat,
+from stun_exp.pruning.expert.common import (ConfiguredPruner, collect_stats, counters_delta, router_weights, routing_groups, stat,
                                             timed)
 from stun_exp.pruning.expert.configs import StunConfig
 from stun_exp.pruning.expert.counts import n_kept
@@ -165,17 +165,11 @@ def load_coactivation(path: str, layers: Sequence[int], experts: Mapping[int, in
     return out
 
 
-class StunPruner:
+class StunPruner(ConfiguredPruner):
     """Built by ``hydra.utils.instantiate(cfg.expert_pruner)``; fields as in ``StunConfig``."""
 
     def __init__(self, **fields: Any) -> None:
         self.cfg = StunConfig(**fields)
-        self.name = "stun"
-
-    @property
-    def needs(self) -> str:
-        """Router distance (or precomputed counts): weights only; co-activation: one calibration pass."""
-        return "weights" if self.cfg.distance == "router" or self.cfg.coactivation_path else "calibration_stats"
 
     def observer(self, adapter: Any, layers: list[int]) -> Any:
         from stun_exp.observe.observer import ExpertObserver
