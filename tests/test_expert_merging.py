@@ -19,8 +19,8 @@ from stun_exp.models.surgery import apply_plan, permute_expert
 from stun_exp.pruning.expert import merge_clustering as M
 from stun_exp.pruning.expert.configs import HcSmoeConfig, MSmoeConfig
 from stun_exp.pruning.expert.merging import HcSmoePruner, MSmoePruner
-from stun_exp.pruning.expert.plan import ExpertPlan, LayerPlan
-from stun_exp.pruning.expert.reap_metrics import ReapStats, RunningMean
+from stun_exp.models.plan import ExpertPlan, LayerPlan
+from stun_exp.observe.reap_metrics import ReapStats, RunningMean
 from tests.arctic_like import register_auto
 from tests.test_expert_reap import run_cli
 from tests.tiny_models import ARCHS, tiny_input, tiny_model

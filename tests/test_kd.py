@@ -7,7 +7,7 @@ from stun_exp.distill.configs import ExpertKDSchema
 from stun_exp.distill.expert_kd import ExpertKD, expert_pairs
 from stun_exp.errors import ConfigError
 from stun_exp.models.adapter import get_adapter
-from stun_exp.pruning.expert.plan import ExpertPlan, LayerPlan
+from stun_exp.models.plan import ExpertPlan, LayerPlan
 from stun_exp.pruning.weights.pruners import MoEPruner, WandaPruner
 from tests.tiny_models import tiny_input, tiny_model
 

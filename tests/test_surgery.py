@@ -10,7 +10,7 @@ from stun_exp.errors import ConfigError
 from stun_exp.models.adapter import get_adapter
 from stun_exp.models.loading import load_pretrained, save_pretrained
 from stun_exp.models.surgery import apply_plan, merge_experts, remove_experts
-from stun_exp.pruning.expert.plan import ExpertPlan, LayerPlan
+from stun_exp.models.plan import ExpertPlan, LayerPlan
 from tests.arctic_like import register_auto
 from tests.tiny_models import ARCHS, tiny_input, tiny_model
 

@@ -220,7 +220,7 @@ def test_total_target_after_expert_removal_lands_within_half_percent(cls, kw):
     """Ledger split (expert phase + derived unstructured ratio) lands decoder-Linear sparsity at 40%."""
     from stun_exp.analysis.sparsity import census, derive_unstructured_ratio, sparsity_report
     from stun_exp.models.surgery import apply_plan
-    from stun_exp.pruning.expert.plan import ExpertPlan
+    from stun_exp.models.plan import ExpertPlan
     model = tiny_model("mixtral")
     ctx = _ctx(model)
     dense = census(model, ctx.adapter)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..pruning.expert.plan import ExpertPlan
+from .plan import ExpertPlan
 from .adapter import ORIGINAL_KEY, PER_LAYER_KEY, PRUNED_KEY, REMOVAL_KEY, MoEAdapter
 
 SEMANTICS = ("slice_router", "zero_output")

@@ -2,7 +2,7 @@
 
     with ExpertOutputObserver(adapter, layers, renormalize=False) as obs:
         model(batch)              # a full-model forward, or one decoder layer at a time (streaming)
-    obs.stats[l]                  # ReapStats (pruning/expert/reap_metrics.py)
+    obs.stats[l]                  # ReapStats (observe/reap_metrics.py)
 
 A forward pre-hook on each observed MoE block sees the block's input x (whatever runs the block:
 a whole-model pass or a single decoder layer), re-runs the router through the adapter and
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..models.adapter import MoEAdapter
-from ..pruning.expert.reap_metrics import (ReapStats, RunningMean, batch_metrics, logit_similarity,
+from .reap_metrics import (ReapStats, RunningMean, batch_metrics, logit_similarity,
                                            routing_weights, selected_experts)
 
 

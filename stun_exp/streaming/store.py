@@ -21,7 +21,7 @@ from torch import nn
 
 from ..models.adapter import get_adapter
 from ..models.loading import model_class
-from ..pruning.expert.plan import ExpertPlan
+from ..models.plan import ExpertPlan
 from .checkpoint import CheckpointReader, check_keys, detect_format, to_native
 
 

@@ -26,7 +26,7 @@ import torch
 
 from stun_exp.pruning.expert.common import ConfiguredPruner, collect_stats, counters_delta, routing_groups, stat, timed
 from stun_exp.pruning.expert.configs import FrequencyConfig, RandomConfig, RoutingScoreConfig
-from stun_exp.pruning.expert.plan import ExpertPlan
+from stun_exp.models.plan import ExpertPlan
 from stun_exp.pruning.expert.selection import n_removed, select
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from stun_exp.observe.expert_outputs import ExpertOutputObserver
 from stun_exp.pruning.expert.common import ConfiguredPruner, counters_delta, forward_calibration, timed
-from stun_exp.pruning.expert.plan import ExpertPlan
+from stun_exp.models.plan import ExpertPlan
 
 
 def resolve_renormalize(setting: bool | None, config: Any) -> bool:

@@ -26,7 +26,7 @@ import torch
 from stun_exp.errors import ConfigError
 from stun_exp.pruning.expert.common import ConfiguredPruner, calib_batches, counters_delta, routing_groups, timed
 from stun_exp.pruning.expert.configs import LuCombinatorialConfig
-from stun_exp.pruning.expert.plan import ExpertPlan
+from stun_exp.models.plan import ExpertPlan
 from stun_exp.pruning.expert.selection import n_kept
 
 MoeFn = Callable[[torch.Tensor, Optional[Sequence[int]]], torch.Tensor]

@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from stun_exp.pruning.expert.reap_metrics import cosine_similarity_rows
+from stun_exp.observe.reap_metrics import cosine_similarity_rows
 
 
 # ---- distances ---------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from stun_exp.errors import ConfigError
 from stun_exp.pruning.expert import merge_clustering as M
 from stun_exp.pruning.expert.calibrated import CalibrationStatsPruner
 from stun_exp.pruning.expert.configs import HcSmoeConfig, MSmoeConfig, reap_n_clusters
-from stun_exp.pruning.expert.plan import ExpertPlan, LayerPlan
+from stun_exp.models.plan import ExpertPlan, LayerPlan
 
 ROUTER_RULE = ("collapsed group: router row (bias, correction bias) = the members' rows averaged with "
                "the merge weights (routing frequencies)")

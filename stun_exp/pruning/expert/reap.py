@@ -1,7 +1,7 @@
 """``expert_pruner=reap``: REAP (Lasby et al., ICLR 2026), faithful to CerebrasResearch/reap.
 
 One calibration pass records, per MoE layer and expert, the statistics of REAP's observer
-(``reap_metrics.py``); ``criterion`` picks the saliency REAP's ``prune()`` ranks (``reap`` = mean
+(``observe/reap_metrics.py``); ``criterion`` picks the saliency REAP's ``prune()`` ranks (``reap`` = mean
 over the expert's routed tokens of router weight × ‖expert output‖; ``ean_sum``, ``ean_mean``,
 ``weighted_ean_sum``, ``frequency``, ``weighted_frequency``). Per layer the ``int(n · s)``
 lowest-saliency experts are removed with ``torch.topk(saliency, n_drop, largest=False)`` on the
@@ -38,7 +38,7 @@ import torch
 from stun_exp.pruning.expert.calibrated import CalibrationStatsPruner
 from stun_exp.pruning.expert.common import routing_groups
 from stun_exp.pruning.expert.configs import ReapConfig, reap_n_pruned
-from stun_exp.pruning.expert.plan import ExpertPlan
+from stun_exp.models.plan import ExpertPlan
 from stun_exp.pruning.expert.selection import keep_global
 
 

@@ -22,7 +22,7 @@ import torch
 from stun_exp.errors import ConfigError
 from stun_exp.pruning.expert.common import ConfiguredPruner, router_weights, routing_groups, timed
 from stun_exp.pruning.expert.configs import RouterChangeConfig
-from stun_exp.pruning.expert.plan import ExpertPlan
+from stun_exp.models.plan import ExpertPlan
 from stun_exp.pruning.expert.selection import select
 
 KEY = "expert_pruner.pretrained_path"

@@ -46,7 +46,7 @@ from stun_exp.pruning.expert.common import (ConfiguredPruner, collect_stats, cou
                                             timed)
 from stun_exp.pruning.expert.configs import StunConfig
 from stun_exp.pruning.expert.counts import n_kept
-from stun_exp.pruning.expert.plan import ExpertPlan, LayerPlan
+from stun_exp.models.plan import ExpertPlan, LayerPlan
 from stun_exp.pruning.expert.search import closest_below, search_threshold
 from stun_exp.pruning.expert.stun_layer import RULE as LAYER_RULE
 from stun_exp.pruning.expert.stun_layer import cluster_per_layer
