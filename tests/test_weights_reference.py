@@ -1,7 +1,7 @@
 """Wanda and OWL (STUN defaults) give the masks of a reference-style loop on an Arctic-like model.
 
-The loop below is written from the description in shared/reference/stun.md section 3 (it is not
-the authors' code): every nn.Linear of each decoder layer is hooked; each hook call is one
+The loop below re-states, independently, what the STUN authors' layer loop (thnkinbtfly/STUN,
+``wanda/`` and ``OWL/``) does: every nn.Linear of each decoder layer is hooked; each hook call is one
 "sample" and the statistic is the running mean over calls of sum_t x_tj^2; modules with no call
 are skipped (left dense); masks are chosen per output row, floor(C_in * r) lowest, stable sort;
 the layer is re-run after pruning. OWL adds a dense pass computing the outlier ratio of the

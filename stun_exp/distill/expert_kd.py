@@ -5,7 +5,7 @@
 * teacher = the dense model (``teacher.build_teacher`` from ``ctx.dense_state``); student = the
   pruned ``ctx.model``, trained in place.
 * x = the TEACHER's input to MoE layer l, on the tokens the TEACHER routes to expert t(e): every
-  student expert gets a layer-local reconstruction target (methods.md A.6 [inference]).
+  student expert gets a layer-local reconstruction target (our reading of the paper).
 * Only routed-expert weights train (router, attention, shared experts, embeddings frozen).
 * Masks stay fixed: entries that are zero when distillation starts get their gradient zeroed and
   are re-zeroed after every optimiser step, so no pruned weight is ever revived.
@@ -13,7 +13,7 @@
   teacher expert r on r's routed tokens; a merged group (representative null) is matched, with
   ``merged_experts=members``, to each member m on m's routed tokens, or skipped with ``skip``.
   ``zero_output`` slots that were pruned are skipped; no plan = identity mapping.
-* The paper's loss weights, data, steps and optimiser are NOT known (methods.md A.6/J.1): every
+* The paper's loss weights, data, steps and optimiser are NOT published: every
   default below is a placeholder for the toy, not a paper value. The training text is the
   calibration tokens (``ctx.calib``), re-batched with a seed; a separate corpus is future work.
 * The model stays in eval mode (no dropout / router jitter) while gradients flow.

@@ -3,7 +3,7 @@
 ``eval=none`` skips evaluation; ``eval=toy`` runs the toy's lm-eval task suite plus perplexity on its
 held-out text; ``eval=ppl`` is wikitext-2 / C4 perplexity at an explicit sequence length;
 ``eval=paper`` is the STUN paper's benchmark list through lm-evaluation-harness. The paper's few-shot
-counts and metric variants were not recoverable (reference/stun.md §4): the defaults live in
+counts and metric variants are not published with the paper: the defaults live in
 ``conf/eval/paper.yaml`` with the reasons in its header, and every run records what was used.
 """
 from __future__ import annotations
