@@ -155,6 +155,8 @@ CASES = [
     case("files", ["calib=c4", "calib.seqlen=64"], "calib=c4", "allenai/c4"),
     case("files", ["calib=wikitext2", "calib.seqlen=64"], "calib=wikitext2", "wikitext"),
     case("files", [f"out_root={FILES}/a_file/out"], "out_root"),
+    case("files", [f"hydra.run.dir={FILES}/a_file/run"], "hydra.run.dir"),
+    case("files", ["-m", "sparsity=0.4,0.5", f"hydra.sweep.dir={FILES}/a_file/sweep"], "hydra.sweep.dir"),
     case("files", ["eval=paper"], "gsm8k"),
     # ---- combinations -----------------------------------------------------------------------------
     case("combos", ["runtime=streaming", "distill=expert_kd"], "distill", "runtime=streaming"),

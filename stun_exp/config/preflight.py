@@ -59,14 +59,34 @@ def job_overrides(overrides: list[str], conf_dir: Path, multirun: bool) -> list[
     if not multirun and not any(_is_sweep(o) for o in overrides):
         full = _compose(overrides, conf_dir, hydra_cfg=True)
         if "MULTIRUN" not in str(full.hydra.mode):
+            _check_folder("hydra.run.dir", full)
             with open_dict(full):
                 del full["hydra"]
             return [full]
     full = _compose([o for o in overrides if not _is_sweep(o)], conf_dir, hydra_cfg=True)
+    _check_folder("hydra.sweep.dir", full)
     params = [f"{k}={v}" for k, v in (full.hydra.sweeper.get("params") or {}).items()]
     parsed = OverridesParser.create().parse_overrides(params + task)
     jobs = BasicSweeper.split_arguments(parsed, None)[0]
     return jobs[:MAX_JOBS_CHECKED]
+
+
+def _check_folder(key: str, full: Any) -> None:
+    """The run (or sweep) folder Hydra will create must be creatable."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from stun_exp.config.files import check_out_root
+    try:
+        path = OmegaConf.select(full, key)
+    except OmegaConfBaseException:      # an interpolation only Hydra's runtime can resolve
+        return
+    if path:
+        try:
+            check_out_root(str(path))
+        except ConfigError as e:
+            raise ConfigError(key, str(path), "a folder that can be created and written",
+                              hint=str(e).split("(", 1)[-1].rstrip(")")) from None
 
 
 def _is_hydra_key(o: str) -> bool:
