@@ -5,31 +5,29 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import stun_exp.pruning.expert.configs  # noqa: F401  (registers the schemas)
-from stun_exp.config.schema import schemas
+from stun_exp.config.schema import register_all, schemas
 from stun_exp.errors import ConfigError
 from stun_exp.models.adapter import get_adapter
 from tests.tiny_models import tiny_model
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-NAMES = ["none", "stun", "frequency", "routing_score", "random", "router_change", "lu_combinatorial"]
+NAMES = ["none", "stun", "frequency", "routing_score", "random", "router_change", "lu_combinatorial", "reap",
+         "hc_smoe", "m_smoe"]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _store():
-    for (g, n), cls in schemas().items():
-        if g == "expert_pruner":
-            ConfigStore.instance().store(group=g, name=f"schema_{n}", node=cls)
+    register_all()
 
 
 def node(name: str, *overrides: str):
+    """The expert_pruner node of the root config (its defaults may interpolate root keys, e.g. seed)."""
     with initialize_config_dir(config_dir=CONF, version_base=None):
-        return compose(config_name=None, overrides=[f"+expert_pruner={name}", *overrides]).expert_pruner
+        return compose(config_name="config", overrides=[f"expert_pruner={name}", *overrides]).expert_pruner
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -11,7 +11,7 @@ from stun_exp.context import RunContext
 from stun_exp.errors import ConfigError
 from stun_exp.models.adapter import get_adapter
 from stun_exp.pruning.expert.lu import LuCombinatorialPruner
-from tests.tiny_models import COMMON, VOCAB, tiny_input
+from tests.tiny_models import COMMON, tiny_input
 
 
 def mixtral4(seed: int = 0):

@@ -269,20 +269,32 @@ def test_pruning_card_with_a_run_report(tmp_path):
 
 
 def test_streaming_writes_the_same_kinds(tmp_path):
-    from stun_exp.streaming.prune import prune_streaming
-    for kind in ("uniform_stun", "per_layer_stun"):
+    """The streaming runtime's checkpoint: vanilla when uniform, own code otherwise, PRUNING.md."""
+    from hydra import compose, initialize_config_dir
+
+    from stun_exp.models.plan import ExpertPlan
+    from stun_exp.pipeline import run_pipeline
+    from stun_exp.run import CONF_DIR
+    torch.save(tiny_input(4, 8), tmp_path / "calib.pt")
+    for kind, stun in (("uniform_stun", ["expert_pruner.expert_sparsity=0.25", "expert_pruner.scope=layer"]),
+                       ("per_layer_stun", ["expert_pruner.target_experts=15"])):
         model = _model("mixtral")
         if kind == "per_layer_stun":
             _plant_pairs(model)
         src = tmp_path / f"src-{kind}"
         model.save_pretrained(src)
-        pruner = (StunPruner(expert_sparsity=0.25, scope="layer") if kind == "uniform_stun"
-                  else StunPruner(target_experts=15))
-        out = tmp_path / f"out-{kind}"
-        res = prune_streaming(src, out, pruner, None, tiny_input(4, 8), "cpu")
-        apply_plan(get_adapter(model), res["expert_plan"])
-        cfg = json.loads((out / "config.json").read_text())
-        assert ("auto_map" in cfg) == (kind == "per_layer_stun") == (out / f"{REMOTE_MODULE}.py").exists()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[
+                "model=hf", f"model.name_or_path={src}", "calib=tokens", f"calib.path={tmp_path / 'calib.pt'}",
+                "calib.nsamples=4", "calib.seqlen=8", "eval=none", "runtime=streaming", "expert_pruner=stun",
+                *stun, "unstructured_pruner=none", "sparsity=null", f"out_root={tmp_path}"])
+        run = tmp_path / f"run-{kind}"
+        run.mkdir()
+        res = run_pipeline(cfg, str(run))
+        out = Path(res["checkpoint"])
+        apply_plan(get_adapter(model), ExpertPlan.from_dict(json.loads((run / "expert_plan.json").read_text())))
+        cfg_json = json.loads((out / "config.json").read_text())
+        assert ("auto_map" in cfg_json) == (kind == "per_layer_stun") == (out / f"{REMOTE_MODULE}.py").exists()
         assert (out / REPORT_NAME).is_file() and "| 1 |" in (out / REPORT_NAME).read_text()
         m2, _ = load_pretrained(str(out))
         assert torch.equal(_logits(m2, tiny_input()), _logits(model, tiny_input()))

@@ -3,7 +3,6 @@ cached atomic builds (toy_tiny, 20 steps), lm-eval task loading. The full-size b
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from stun_exp.config.files import check_model_dir, check_out_root, check_text
+from stun_exp.config.files import check_out_root, check_text
 from stun_exp.errors import ConfigError, DataError
 
 

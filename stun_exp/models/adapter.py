@@ -33,7 +33,7 @@ Surgery lives in ``surgery.py``: ``apply_plan(adapter, plan)``, ``remove_experts
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch

@@ -16,7 +16,6 @@ index, for ``global``) is removed first. This is a stable ascending sort on (sco
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import torch
