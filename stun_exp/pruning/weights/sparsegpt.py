@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from stun_exp.pruning.weights.masks import nm_mask
+from stun_exp.pruning.weights.masks import kth_smallest, nm_mask
 
 
 def _inverse_factor(h: Tensor, w: Tensor, percdamp: float) -> Tensor:
@@ -74,5 +74,4 @@ def _block_mask(w1: Tensor, d: Tensor, sparsity: float) -> Tensor:
     if sparsity <= 0:
         return torch.zeros_like(w1, dtype=torch.bool)
     score = w1 ** 2 / d.unsqueeze(0) ** 2
-    thr = torch.sort(score.flatten()).values[int(score.numel() * sparsity)]
-    return score <= thr
+    return score <= kth_smallest(score, int(score.numel() * sparsity))
