@@ -13,7 +13,9 @@ Policies (see configs.py for the field contract):
   so its score is plain Wanda.
 * OWL: pass 1 is a dense pass (no pruning) that computes each layer's outlier ratio over the
   Wanda scores of the layer's TARGETED matrices (zero-token experts excluded, as the reference
-  skips them); pass 2 prunes with the layer ratios. With ``nm`` the reference's N:M variant is
+  skips them); pass 2 prunes with the layer ratios. An expert's running mean divides by
+  ``owl_expert_samples``: block_calls (default; STUN's Mixtral code: every MoE block call is a
+  sample for every expert) or routed_calls (only calls that routed it a token; see stats.py). With ``nm`` the reference's N:M variant is
   used (layer l prunes N - r_l of M). Layers with no targets are left out of the allocation.
 
 Differences from the reference code (locuslab/wanda, luuyin/OWL, thnkinbtfly/STUN), on purpose:
@@ -73,7 +75,7 @@ class UnstructuredPruner:
                  zero_token_experts: str = "leave_dense", owl_m: Optional[float] = None,
                  owl_lambda: Optional[float] = None, owl_weighting: str = "uniform",
                  blocksize: int = 128, percdamp: float = 0.01, row_rounding: str = "floor",
-                 **extra: Any) -> None:
+                 owl_expert_samples: str = "block_calls", **extra: Any) -> None:
         if scope not in SCOPE_KINDS:
             raise ConfigError("unstructured_pruner.scope", scope, list(SCOPE_KINDS))
         self.name, self.sparsity, self.nm = name, sparsity, parse_nm(nm)
@@ -81,6 +83,7 @@ class UnstructuredPruner:
         self.flags = {"router": prune_router, "shared_expert": prune_shared_experts,
                       "dense_mlp": prune_dense_mlp}
         self.owl_m, self.owl_lambda, self.owl_weighting = owl_m, owl_lambda, owl_weighting
+        self.owl_expert_samples = owl_expert_samples
         self.blocksize, self.percdamp, self.row_rounding = blocksize, percdamp, row_rounding
         self.kinds = (SCOPE_KINDS[scope] | {k for k, on in self.flags.items() if on}) - {
             k for k, on in self.flags.items() if not on}
@@ -234,8 +237,9 @@ class OWLPruner(UnstructuredPruner):
 
         def measure(l: int, targets: list, stats: Optional[dict]) -> bool:
             live = [t for t in targets if stats[t.name].ntokens > 0]
-            ratios[l] = alloc.outlier_ratio(lambda: (wanda.fn(t.weight, stats[t.name].norm_sq()) for t in live),
-                                            self.owl_m)
+            per = self.owl_expert_samples
+            ratios[l] = alloc.outlier_ratio(
+                lambda: (wanda.fn(t.weight, stats[t.name].norm_sq(per)) for t in live), self.owl_m)
             sizes[l] = sum(t.weight.numel() for t in targets)
             return False                       # dense pass: nothing changes, outputs reused
 
@@ -244,6 +248,7 @@ class OWLPruner(UnstructuredPruner):
         report["layer_forwards"] += engine.layer_forwards
         report["layer_seconds"] = engine.layer_seconds
         report["owl"] = {"m": self.owl_m, "lambda": self.owl_lambda, "weighting": self.owl_weighting,
+                         "expert_samples": self.owl_expert_samples,
                          "outlier_ratios": ratios, "layer_numel": sizes}
         # layers with nothing to prune (e.g. a dense layer under scope=experts) take no part in
         # the min-max normalisation or the mean
