@@ -38,7 +38,7 @@ from stun_exp.pruning.weights import allocation as alloc
 from stun_exp.pruning.weights.engine import SequentialEngine
 from stun_exp.pruning.weights.masks import apply_mask_, parse_nm, select_mask
 from stun_exp.pruning.weights.scores import get_score, magnitude_score
-from stun_exp.pruning.weights.sparsegpt import sparsegpt_prune
+from stun_exp.pruning.weights.sparsegpt import iter_sparsegpt, sparsegpt_prune
 from stun_exp.pruning.weights.stats import TargetStats
 
 log = logging.getLogger("stun_exp")
@@ -139,9 +139,12 @@ class UnstructuredPruner:
         layer = report["per_layer"].setdefault(str(l), {"target_sparsity": s, "nm": _fmt_nm(nm),
                                                         "numel": 0, "zeros": 0})
         zero_experts: set[int] = set()
+        done = self._sparsegpt_stacked(targets, stats, s, nm)
         for t in targets:
             st = stats.get(t.name) if stats is not None else None
-            if st is not None and st.ntokens == 0:
+            if t.name in done:
+                pass
+            elif st is not None and st.ntokens == 0:
                 if t.kind == "expert":
                     zero_experts.add(int(t.expert))
                 if self.zero_token_experts == "leave_dense":
@@ -161,6 +164,18 @@ class UnstructuredPruner:
             log.info("layer %d: %d expert(s) got no calibration tokens (%s)", l, len(zero_experts),
                      self.zero_token_experts)
         return True
+
+    @torch.no_grad()
+    def _sparsegpt_stacked(self, targets: list, stats: Optional[dict], s: float, nm: Optional[tuple]) -> set:
+        """SparseGPT on this layer's targets that saw tokens, same-shape ones stacked (same bits as one
+        at a time, see sparsegpt.iter_sparsegpt); returns the names updated."""
+        if self.update != "sparsegpt" or stats is None or not (s > 0 or nm is not None):
+            return set()
+        todo = [t for t in targets if stats.get(t.name) is not None and stats[t.name].ntokens > 0]
+        for i, (new, _) in iter_sparsegpt([(t.weight, stats[t.name].gram) for t in todo], s, nm,
+                                          self.blocksize, self.percdamp):
+            todo[i].weight.copy_(new.to(todo[i].weight.dtype))
+        return {t.name for t in todo}
 
     @torch.no_grad()
     def _prune_target(self, t: Any, st: Optional[TargetStats], s: float, nm: Optional[tuple]) -> None:
