@@ -12,7 +12,7 @@ The reference (Wanda ``WrappedGPT.add_batch``, STUN's copy) keeps sq as a runnin
 the calls of the module's forward hook, i.e. sq / (number of calls); ``norm_sq``/``norm_gsq``
 reproduce that. Which calls count depends on how the model code calls its experts:
   block_calls   every call of the MoE block is one sample for every expert, routed or not:
-                STUN's Mixtral modelling code (``utils/modeling_mixtral.py``,
+                STUN's Mixtral modelling code (thnkinbtfly/STUN ``utils/modeling_mixtral.py``,
                 ``MixtralSparseMoeBlock.forward``) runs every expert on every call, an expert
                 without tokens on an empty batch, and ``add_batch`` counts that call too;
   routed_calls  only the calls in which the expert received >= 1 token: STUN's Arctic modelling
