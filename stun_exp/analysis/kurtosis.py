@@ -6,8 +6,10 @@ Definitions (libraries differ, so both are always reported)::
     plain (Pearson) kurtosis  k    = m4 / m2^2     (normal = 3, uniform = 1.8, Laplace = 6)
     excess (Fisher) kurtosis  k_ex = k - 3         (= scipy.stats.kurtosis(fisher=True, bias=True))
 
-Moments are computed in float64 with two passes over fixed-size chunks (mean first, then the
-central sums), so a 100M-entry expert matrix never needs a float64 copy of itself.
+Moments are combinable (n, mean, M2, M3, M4 of centred sums; Pebay 2008, the pairwise update of
+Chan et al. extended to the 3rd and 4th moments): each chunk of a weight is read ONCE, centred on
+its own mean in float64 (chunks small enough to stay in cache), and chunks, matrices, layers and
+the whole model are merged from those summaries. Pooled figures therefore cost no extra pass.
 
 Granularity (STUN's released code has no kurtosis computation and the paper's convention was not
 recoverable, see reference/methods.md §H; this is our stated default):
@@ -24,55 +26,128 @@ value. ``nonzero_only=True`` uses only the non-zero entries, for pruned models; 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 
-CHUNK = 1 << 22  # entries per float64 chunk (32 MiB)
-CONVENTION = "plain = m4/m2^2 (normal = 3); excess = plain - 3; fp64 two-pass moments"
+# entries per float64 chunk: 256 KiB stays in cache, and a chunk no larger than torch's parallel grain
+# (32768) runs each op in one thread, which is as fast here and immune to thread oversubscription
+CHUNK = 1 << 15
+CONVENTION = "plain = m4/m2^2 (normal = 3); excess = plain - 3; fp64 combinable central moments"
 
 
-def _chunks(t: torch.Tensor, nonzero_only: bool, chunk: int) -> Iterable[torch.Tensor]:
-    flat = t.detach().reshape(-1)
+@dataclass(frozen=True)
+class Moments:
+    """n, mean and the centred power sums M2 = sum (x-mean)^2, M3, M4 of a set of numbers."""
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+    m3: float = 0.0
+    m4: float = 0.0
+
+    def __add__(self, o: "Moments") -> "Moments":
+        """The moments of the union (Pebay 2008, eq. 3.1 and 2.3)."""
+        if o.n == 0:
+            return self
+        if self.n == 0:
+            return o
+        na, nb = self.n, o.n
+        n = na + nb
+        d = o.mean - self.mean
+        dn = d / n
+        m2 = self.m2 + o.m2 + d * dn * na * nb
+        m3 = (self.m3 + o.m3 + d * dn * dn * na * nb * (na - nb)
+              + 3.0 * dn * (na * o.m2 - nb * self.m2))
+        m4 = (self.m4 + o.m4 + d * dn * dn * dn * na * nb * (na * na - na * nb + nb * nb)
+              + 6.0 * dn * dn * (na * na * o.m2 + nb * nb * self.m2) + 4.0 * dn * (na * o.m3 - nb * self.m3))
+        return Moments(n, self.mean + dn * nb, m2, m3, m4)
+
+    def kurtosis(self, excess: bool = False) -> float:
+        if self.n < 2 or not self.m2 > 0:
+            return math.nan
+        k = self.n * self.m4 / (self.m2 * self.m2)
+        return k - 3.0 if excess else k
+
+
+def chunk_moments(c: torch.Tensor, zeros: int = 0, scratch: Optional[torch.Tensor] = None) -> Moments:
+    """Moments of one float64 chunk, centred on its own mean (``c`` is overwritten).
+
+    ``zeros`` > 0: the moments of the chunk WITHOUT that many of its entries that are exactly 0
+    (the non-zero entries, when ``zeros`` counts all of them). Each removed zero contributed
+    (0 - mean)^p to the centred sums, so it is subtracted, which avoids a gather of the
+    non-zero entries. ``scratch``: a float64 buffer [2, >= c's size], reused across chunks.
+    """
+    n = c.numel() - zeros
+    if n <= 0:
+        return Moments()
+    if scratch is None:
+        scratch = torch.empty(2, c.numel(), dtype=torch.float64, device=c.device)
+    d2, prod = scratch[0, :c.numel()], scratch[1, :c.numel()]
+    mu = float(c.sum()) / n
+    d = c.sub_(mu)
+    torch.mul(d, d, out=d2)
+    m2 = float(d2.sum())
+    m3 = float(torch.mul(d2, d, out=prod).sum())
+    m4 = float(torch.mul(d2, d2, out=prod).sum())
+    if zeros:
+        m2, m3, m4 = m2 - zeros * mu ** 2, m3 + zeros * mu ** 3, m4 - zeros * mu ** 4
+    return Moments(n, mu, m2, m3, m4)
+
+
+class ChunkReader:
+    """Float64 copies of successive chunks of flat tensors in reused buffers (fresh large
+    allocations page-fault on every chunk)."""
+
+    def __init__(self, chunk: int, device: torch.device | str = "cpu") -> None:
+        self.chunk = chunk
+        self.buf = torch.empty(chunk, dtype=torch.float64, device=device)
+        self.scratch = torch.empty(2, chunk, dtype=torch.float64, device=device)
+
+    def moments(self, part: torch.Tensor, zeros: int = 0) -> Moments:
+        if part.device != self.buf.device:
+            self.buf, self.scratch = self.buf.to(part.device), self.scratch.to(part.device)
+        c = self.buf[:part.numel()]
+        c.copy_(part)
+        return chunk_moments(c, zeros, self.scratch)
+
+
+def tensor_moments(t: torch.Tensor, nonzero_only: bool = False, chunk: int = CHUNK,
+                   reader: Optional[ChunkReader] = None) -> Moments:
+    """Moments of all (or only the non-zero) entries of ``t``, one read of the tensor."""
+    flat, acc = t.detach().reshape(-1), Moments()
+    reader = reader if reader is not None and reader.chunk == chunk else ChunkReader(chunk, flat.device)
     for i in range(0, flat.numel(), chunk):
-        c = flat[i:i + chunk].to(torch.float64)
-        yield c[c != 0] if nonzero_only else c
+        part = flat[i:i + chunk]
+        zeros = part.numel() - int(torch.count_nonzero(part)) if nonzero_only else 0
+        acc = acc + reader.moments(part, zeros)
+    return acc
 
 
 def central_moments(tensors: Sequence[torch.Tensor], nonzero_only: bool = False,
                     chunk: int = CHUNK) -> tuple[int, float, float]:
-    """(n, m2, m4) of all entries of ``tensors`` pooled together, in float64 (two passes)."""
-    n, total = 0, 0.0
+    """(n, m2, m4) of all entries of ``tensors`` pooled together (m_k = M_k / n), in float64."""
+    acc = Moments()
     for t in tensors:
-        for c in _chunks(t, nonzero_only, chunk):
-            n += c.numel()
-            total += float(c.sum())
-    if n == 0:
+        acc = acc + tensor_moments(t, nonzero_only, chunk)
+    if acc.n == 0:
         return 0, math.nan, math.nan
-    mu = total / n
-    s2 = s4 = 0.0
-    for t in tensors:
-        for c in _chunks(t, nonzero_only, chunk):
-            d2 = (c - mu).square_()
-            s2 += float(d2.sum())
-            s4 += float(d2.square_().sum())
-    return n, s2 / n, s4 / n
+    return acc.n, acc.m2 / acc.n, acc.m4 / acc.n
 
 
 def pooled_kurtosis(tensors: Sequence[torch.Tensor], excess: bool = False,
                     nonzero_only: bool = False, chunk: int = CHUNK) -> float:
     """Kurtosis of all entries of ``tensors`` taken as one sample (NaN when undefined)."""
-    n, m2, m4 = central_moments(tensors, nonzero_only, chunk)
-    if n < 2 or not m2 > 0:
-        return math.nan
-    k = m4 / (m2 * m2)
-    return k - 3.0 if excess else k
+    acc = Moments()
+    for t in tensors:
+        acc = acc + tensor_moments(t, nonzero_only, chunk)
+    return acc.kurtosis(excess)
 
 
 def kurtosis(t: torch.Tensor, excess: bool = False, nonzero_only: bool = False,
              chunk: int = CHUNK) -> float:
     """Kurtosis of one tensor (all entries, or only the non-zero ones)."""
-    return pooled_kurtosis([t], excess, nonzero_only, chunk)
+    return tensor_moments(t, nonzero_only, chunk).kurtosis(excess)
 
 
 def _mean(vals: Sequence[float], weights: Sequence[float] | None = None) -> float:
@@ -108,27 +183,32 @@ def kurtosis_report(adapter: Any, nonzero_only: bool = False, chunk: int = CHUNK
 
     Returns ``{"nonzero_only", "convention", "per_matrix": [...], "per_layer": {layer: {...}},
     "model": {...}}``; per-layer and model values are plain kurtosis (``*_excess`` = minus 3).
+    Each weight is read once; ``analysis.weight_report`` adds the census and mask digest to the
+    same read.
     """
-    rows: list[dict[str, Any]] = []
-    pooled: dict[int, float] = {}
-    everything = []
-    for layer in range(len(adapter.layers)):
-        targets = adapter.linear_targets(layer)
-        everything.extend(targets)
-        for t in targets:
-            n = int((t.weight != 0).sum()) if nonzero_only else t.weight.numel()
-            k = kurtosis(t.weight, nonzero_only=nonzero_only, chunk=chunk)
-            rows.append({"layer": layer, "name": t.name, "kind": t.kind, "expert": t.expert,
-                         "matrix": t.matrix, "n": n, "kurtosis": k, "excess_kurtosis": k - 3.0})
-        experts = [t.weight for t in targets if t.kind == "expert"]
-        if experts:
-            pooled[layer] = pooled_kurtosis(experts, nonzero_only=nonzero_only, chunk=chunk)
+    reader = ChunkReader(chunk)
+    rows = [(layer, t, tensor_moments(t.weight, nonzero_only, chunk, reader))
+            for layer in range(len(adapter.layers)) for t in adapter.linear_targets(layer)]
+    return report_from_moments(rows, nonzero_only)
+
+
+def report_from_moments(rows: Sequence[tuple[int, Any, Moments]], nonzero_only: bool) -> dict[str, Any]:
+    """The kurtosis report from per-matrix moments (layer, target, Moments); pooled values merge them."""
+    per_matrix: list[dict[str, Any]] = []
+    pooled_layer: dict[int, Moments] = {}
+    expert_all, everything = Moments(), Moments()
+    for layer, t, mom in rows:
+        k = mom.kurtosis()
+        per_matrix.append({"layer": layer, "name": t.name, "kind": t.kind, "expert": t.expert,
+                           "matrix": t.matrix, "n": mom.n, "kurtosis": k, "excess_kurtosis": k - 3.0})
+        everything = everything + mom
+        if t.kind == "expert":
+            pooled_layer[layer] = pooled_layer.get(layer, Moments()) + mom
+            expert_all = expert_all + mom
     out = {"nonzero_only": nonzero_only,
            "label": "non-zero entries only" if nonzero_only else "all entries",
-           "convention": CONVENTION, "per_matrix": rows}
-    model_pooled = {"expert_pooled": pooled_kurtosis([t.weight for t in everything if t.kind == "expert"],
-                                                     nonzero_only=nonzero_only, chunk=chunk),
-                    "all_pooled": pooled_kurtosis([t.weight for t in everything], nonzero_only=nonzero_only,
-                                                  chunk=chunk)}
-    out.update(summarize(rows, pooled, model_pooled))
+           "convention": CONVENTION, "per_matrix": per_matrix}
+    pooled = {layer: m.kurtosis() for layer, m in pooled_layer.items()}
+    out.update(summarize(per_matrix, pooled, {"expert_pooled": expert_all.kurtosis(),
+                                              "all_pooled": everything.kurtosis()}))
     return out

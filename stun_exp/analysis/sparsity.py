@@ -38,10 +38,16 @@ def _targets(adapter: Any) -> Iterable[tuple[int, Any]]:
 
 def census(model: torch.nn.Module, adapter: Any) -> dict[str, Any]:
     """numel / nonzero counts of the current model, with the expert structure per layer."""
+    return census_from_counts(model, adapter, [(l, t, t.weight.numel(), _nz(t.weight)) for l, t in _targets(adapter)])
+
+
+def census_from_counts(model: torch.nn.Module, adapter: Any,
+                       counts: Iterable[tuple[int, Any, int, int]]) -> dict[str, Any]:
+    """``census`` from per-target (layer, target, numel, nonzero) counts already taken (one read)."""
     dec_numel = dec_nz = routed_numel = routed_nz = 0
     per_layer: dict[int, dict[str, float]] = {}
-    for l, t in _targets(adapter):
-        n, z = t.weight.numel(), _nz(t.weight)
+    counts = list(counts)
+    for l, t, n, z in counts:
         dec_numel, dec_nz = dec_numel + n, dec_nz + z
         if t.kind == "expert":
             routed_numel, routed_nz = routed_numel + n, routed_nz + z
@@ -49,7 +55,7 @@ def census(model: torch.nn.Module, adapter: Any) -> dict[str, Any]:
             pl["expert_numel"] += n
             pl["expert_nz"] += z
     all_numel = sum(p.numel() for p in model.parameters())
-    all_nz = sum(_nz(p.data) for p in model.parameters())
+    all_nz = _all_nonzero(model, counts)
     # zero_output surgery keeps the pruned experts' slots (router untouched): they are not experts
     experts = {l: adapter.num_experts(l) - len(_zeroed(adapter, l)) for l in adapter.moe_layers}
     k = adapter.top_k
@@ -63,6 +69,29 @@ def census(model: torch.nn.Module, adapter: Any) -> dict[str, Any]:
         "active_nonzero": all_nz - routed_nz + active_expert_nz,
         "experts": {str(l): n for l, n in experts.items()},
     }
+
+
+def _all_nonzero(model: torch.nn.Module, counts: list[tuple[int, Any, int, int]]) -> int:
+    """Non-zeros of every parameter; storages the targets tile exactly reuse the targets' counts."""
+    by_storage: dict[int, list[int]] = {}
+    for _, t, n, z in counts:
+        acc = by_storage.setdefault(_storage(t.weight), [0, 0])
+        acc[0], acc[1] = acc[0] + n, acc[1] + z
+    params: dict[int, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        params.setdefault(_storage(p), []).append(p)
+    total = 0
+    for key, ps in params.items():
+        got = by_storage.get(key)
+        if got is not None and got[0] == sum(p.numel() for p in ps):
+            total += got[1]
+        else:
+            total += sum(_nz(p.data) for p in ps)
+    return total
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def _zeroed(adapter: Any, l: int) -> list[int]:

@@ -45,8 +45,9 @@ def _observe_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
     """Experts forward that records statistics and returns exactly what the previous implementation would.
 
     Under "eager" the per-expert loop is the eager math, so x -> h is computed once and reused for the
-    output; under any other implementation (grouped_mm, ...) that implementation computes the output
-    (bit-identical to the unobserved model, bf16 included) and h is recomputed for the statistics.
+    output. Under any other implementation (grouped_mm, ...) that implementation computes the output
+    (bit-identical to the unobserved model, bf16 included); h is taken from its own gating step when
+    its row layout is known and was checked equal to a recomputation, else recomputed per expert.
     """
     entry = _ACTIVE.get(id(self))
     if entry is None:
@@ -63,8 +64,61 @@ def _observe_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
                        lambda e, h: ad.expert_output(l, e, h), out)
         return out
     with torch.no_grad():
-        observe_tokens(st, hidden_states, top_k_index, top_k_weights, hidden_fn)
-    return prev(self, hidden_states, top_k_index, top_k_weights)
+        out, rows = _forward_keeping_hidden(self, prev, obs._prev_impl, hidden_states, top_k_index,
+                                            top_k_weights)
+        if rows is not None and l not in obs._rows_checked:
+            obs._rows_checked[l] = rows_match(rows, hidden_states, top_k_index, hidden_fn)
+        if not obs._rows_checked.get(l, False):
+            rows = None
+        observe_tokens(st, hidden_states, top_k_index, top_k_weights, hidden_fn, hidden_rows=rows)
+    return out
+
+
+# Row order of the gated hidden states [N*k, I] inside the known fused implementations, as a
+# function of the flattened expert ids: grouped_mm sorts the (token, slot) pairs by expert id
+# (``torch.sort``, which is deterministic, so the same call reproduces its permutation);
+# batched_mm keeps the flat (token, slot) order.
+_ROW_ORDER = {"grouped_mm": lambda ids: torch.sort(ids).indices, "batched_mm": lambda ids: None}
+
+
+def _forward_keeping_hidden(ex: nn.Module, prev: Any, impl: Optional[str], x: torch.Tensor,
+                            ids: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(prev's output, its gated hidden states in flat (token, slot) order [N*k, I] or None).
+
+    The hidden states are read from the implementation's one call of ``_apply_gate`` (the input
+    of every down projection); None when the layout is unknown or the gate was not called once.
+    """
+    order = _ROW_ORDER.get(impl or "")
+    gate = getattr(type(ex), "_apply_gate", None)
+    if order is None or gate is None or "_apply_gate" in vars(ex):
+        return prev(ex, x, ids, w), None
+    seen: list[torch.Tensor] = []
+
+    def keep(gate_up: torch.Tensor) -> torch.Tensor:
+        h = gate(ex, gate_up)
+        seen.append(h)
+        return h
+    ex._apply_gate = keep
+    try:
+        out = prev(ex, x, ids, w)
+    finally:
+        del ex._apply_gate
+    flat = ids.reshape(-1)
+    if len(seen) != 1 or seen[0].shape[0] != flat.shape[0]:
+        return out, None
+    perm = order(flat)
+    if perm is None:
+        return out, seen[0]
+    pos = torch.empty_like(perm)
+    pos[perm] = torch.arange(perm.shape[0], device=perm.device)
+    return out, seen[0][pos]
+
+
+def rows_match(rows: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, hidden_fn: Any) -> bool:
+    """Whether the kept rows of the first routed expert equal a per-expert recomputation, bit for bit."""
+    e = int(ids.reshape(-1)[0])
+    tok, pos = torch.where(ids == e)
+    return torch.equal(rows[tok * ids.shape[1] + pos], hidden_fn(e, x[tok]))
 
 
 def _register() -> None:
@@ -88,6 +142,7 @@ class ExpertObserver:
         self._handles: list[Any] = []
         self._keys: list[int] = []
         self._prev_impl: Optional[str] = None
+        self._rows_checked: dict[int, bool] = {}   # layer -> kept hidden rows verified equal to recompute
 
     # ---- stats -------------------------------------------------------------------------------
     def _layer_stats(self, l: int) -> LayerStats:

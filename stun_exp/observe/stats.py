@@ -127,14 +127,17 @@ def add_expert(st: LayerStats, e: int, x: torch.Tensor, h: torch.Tensor, g: torc
 def observe_tokens(st: LayerStats, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                    hidden_fn: Callable[[int, torch.Tensor], torch.Tensor],
                    output_fn: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-                   out: Optional[torch.Tensor] = None) -> None:
+                   out: Optional[torch.Tensor] = None, hidden_rows: Optional[torch.Tensor] = None) -> None:
     """Record routing + per-expert inputs; if `out` is given also accumulate the weighted expert
-    outputs into it (so a fused experts forward computes x -> h once)."""
+    outputs into it (so a fused experts forward computes x -> h once). ``hidden_rows`` [N*k, I]
+    (flat (token, slot) order): the experts' hidden states already computed by the forward, used
+    instead of ``hidden_fn``."""
     add_routing(st, ids, weights)
+    k = ids.shape[1]
     for e in ids.unique().tolist():
         tok, pos = torch.where(ids == e)
         xe = x[tok]
-        he = hidden_fn(e, xe)
+        he = hidden_fn(e, xe) if hidden_rows is None else hidden_rows[tok * k + pos]
         we = weights[tok, pos]
         add_expert(st, e, xe, he, we)
         if out is not None and output_fn is not None:

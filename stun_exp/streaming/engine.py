@@ -122,7 +122,7 @@ class StreamingEngine(E.SequentialEngine):
         E.check_finite(outs, f"layer {l} (output activations)")
         stats = {name: h.result(self.device) for name, h in hooks.items()}
         if want_experts:
-            stats.update(E._expert_target_stats(l, targets, expert_stats, calls))
+            stats.update(E._expert_target_stats(l, targets, expert_stats, calls, inps.shape[0]))
         for name, st in stats.items():
             E.check_finite(st.sq, f"layer {l} module {name} (input activations)")
         return stats, outs

@@ -14,7 +14,9 @@ Shared fields
   zero_token_experts    leave_dense (the STUN reference: an expert no calibration token reached is
                         skipped) | magnitude (prune it by |W| with the method's comparison rule)
 OWL: owl_m (M), owl_lambda (lambda), owl_weighting (uniform = reference; params = the layer
-sparsities are shifted so the parameter-weighted mean hits the target).
+sparsities are shifted so the parameter-weighted mean hits the target), owl_expert_samples
+(block_calls = STUN's Mixtral code: each MoE block call is one sample of every expert's running
+mean, tokens or not; routed_calls = only the calls that routed the expert >= 1 token).
 SparseGPT: blocksize, percdamp.
 Extra (not in the contract): row_rounding = floor (reference: floor(C_in*s) per row) | balanced
 (total round(numel*s) per matrix; for narrow toy matrices where floor undershoots the target).
@@ -31,6 +33,7 @@ SCOPES = ["experts", "experts+attention", "all_decoder_linear"]
 NM_PATTERNS = [None, "2:4", "4:8"]
 ZERO_TOKEN_POLICIES = ["leave_dense", "magnitude"]
 OWL_WEIGHTINGS = ["uniform", "params"]
+OWL_EXPERT_SAMPLES = ["block_calls", "routed_calls"]
 _PKG = "stun_exp.pruning.weights.pruners"
 
 
@@ -92,6 +95,7 @@ class OWLSchema(UnstructuredBase):
     owl_m: Optional[float] = None
     owl_lambda: Optional[float] = None
     owl_weighting: str = "uniform"
+    owl_expert_samples: str = "block_calls"
 
     def validate(self, info: Optional[Any] = None, prefix: str = "unstructured_pruner") -> None:
         super().validate(info, prefix)
@@ -103,6 +107,7 @@ class OWLSchema(UnstructuredBase):
             raise ConfigError(f"{prefix}.owl_lambda", self.owl_lambda, "a number in [0, 0.5) for "
                               "unstructured OWL (layer sparsities span 2*lambda)")
         check_choice(f"{prefix}.owl_weighting", self.owl_weighting, OWL_WEIGHTINGS)
+        check_choice(f"{prefix}.owl_expert_samples", self.owl_expert_samples, OWL_EXPERT_SAMPLES)
 
 
 @schema("unstructured_pruner", "sparsegpt")

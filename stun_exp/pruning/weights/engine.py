@@ -190,7 +190,7 @@ class SequentialEngine:
         check_finite(outs, f"layer {l} (output activations)")
         stats = {name: h.result(self.device) for name, h in hooks.items()}
         if want_experts:
-            stats.update(_expert_target_stats(l, targets, expert_stats, calls))
+            stats.update(_expert_target_stats(l, targets, expert_stats, calls, inps.shape[0]))
         for name, st in stats.items():
             check_finite(st.sq, f"layer {l} module {name} (input activations)")
         return stats, outs
@@ -234,9 +234,10 @@ def _add_calls(calls: Optional[Tensor], before: Optional[Tensor], after: Optiona
     return hit.long() if calls is None else calls + hit.long()
 
 
-def _expert_target_stats(l: int, targets: list, st: Optional[dict],
-                         calls: Optional[Tensor]) -> dict[str, TargetStats]:
-    """Map the observer's per-expert arrays onto the gate/up/down targets of layer l."""
+def _expert_target_stats(l: int, targets: list, st: Optional[dict], calls: Optional[Tensor],
+                         nblock: int) -> dict[str, TargetStats]:
+    """Map the observer's per-expert arrays onto the gate/up/down targets of layer l (``nblock``:
+    the layer's forward calls while observing, each one a sample under ``block_calls``)."""
     out: dict[str, TargetStats] = {}
     if st is None or int(_field(st, "count").sum()) == 0:
         # every calibration token is routed somewhere: no routed token at all means the observer
@@ -253,7 +254,7 @@ def _expert_target_stats(l: int, targets: list, st: Optional[dict],
             gsq=_field(st, "ghsq" if down else "gxsq")[e].float(),
             gram=None if gram is None else gram[e].float(),
             ncalls=int(calls[e]) if calls is not None else 0,
-            ntokens=int(_field(st, "count")[e]))
+            ntokens=int(_field(st, "count")[e]), nblock=nblock)
     return out
 
 

@@ -13,7 +13,9 @@ Policies (see configs.py for the field contract):
   so its score is plain Wanda.
 * OWL: pass 1 is a dense pass (no pruning) that computes each layer's outlier ratio over the
   Wanda scores of the layer's TARGETED matrices (zero-token experts excluded, as the reference
-  skips them); pass 2 prunes with the layer ratios. With ``nm`` the reference's N:M variant is
+  skips them); pass 2 prunes with the layer ratios. An expert's running mean divides by
+  ``owl_expert_samples``: block_calls (default; STUN's Mixtral code: every MoE block call is a
+  sample for every expert) or routed_calls (only calls that routed it a token; see stats.py). With ``nm`` the reference's N:M variant is
   used (layer l prunes N - r_l of M). Layers with no targets are left out of the allocation.
 
 Differences from the reference code (locuslab/wanda, luuyin/OWL, thnkinbtfly/STUN), on purpose:
@@ -37,7 +39,7 @@ from stun_exp.pruning.weights import allocation as alloc
 from stun_exp.pruning.weights.engine import SequentialEngine, check_finite
 from stun_exp.pruning.weights.masks import apply_mask_, parse_nm, select_mask
 from stun_exp.pruning.weights.scores import get_score, magnitude_score
-from stun_exp.pruning.weights.sparsegpt import sparsegpt_prune
+from stun_exp.pruning.weights.sparsegpt import iter_sparsegpt, sparsegpt_prune
 from stun_exp.pruning.weights.stats import TargetStats
 
 log = logging.getLogger("stun_exp")
@@ -74,7 +76,7 @@ class UnstructuredPruner:
                  zero_token_experts: str = "leave_dense", owl_m: Optional[float] = None,
                  owl_lambda: Optional[float] = None, owl_weighting: str = "uniform",
                  blocksize: int = 128, percdamp: float = 0.01, row_rounding: str = "floor",
-                 **extra: Any) -> None:
+                 owl_expert_samples: str = "block_calls", **extra: Any) -> None:
         if scope not in SCOPE_KINDS:
             raise ConfigError("unstructured_pruner.scope", scope, list(SCOPE_KINDS))
         self.name, self.sparsity, self.nm = name, sparsity, parse_nm(nm)
@@ -82,6 +84,7 @@ class UnstructuredPruner:
         self.flags = {"router": prune_router, "shared_expert": prune_shared_experts,
                       "dense_mlp": prune_dense_mlp}
         self.owl_m, self.owl_lambda, self.owl_weighting = owl_m, owl_lambda, owl_weighting
+        self.owl_expert_samples = owl_expert_samples
         self.blocksize, self.percdamp, self.row_rounding = blocksize, percdamp, row_rounding
         self.kinds = (SCOPE_KINDS[scope] | {k for k, on in self.flags.items() if on}) - {
             k for k, on in self.flags.items() if not on}
@@ -144,9 +147,12 @@ class UnstructuredPruner:
         layer = report["per_layer"].setdefault(str(l), {"target_sparsity": s, "nm": _fmt_nm(nm),
                                                         "numel": 0, "zeros": 0})
         zero_experts: set[int] = set()
+        done = self._sparsegpt_stacked(targets, stats, s, nm)
         for t in targets:
             st = stats.get(t.name) if stats is not None else None
-            if st is not None and st.ntokens == 0:
+            if t.name in done:
+                pass
+            elif st is not None and st.ntokens == 0:
                 if t.kind == "expert":
                     zero_experts.add(int(t.expert))
                 if self.zero_token_experts == "leave_dense":
@@ -166,6 +172,18 @@ class UnstructuredPruner:
             log.info("layer %d: %d expert(s) got no calibration tokens (%s)", l, len(zero_experts),
                      self.zero_token_experts)
         return True
+
+    @torch.no_grad()
+    def _sparsegpt_stacked(self, targets: list, stats: Optional[dict], s: float, nm: Optional[tuple]) -> set:
+        """SparseGPT on this layer's targets that saw tokens, same-shape ones stacked (same bits as one
+        at a time, see sparsegpt.iter_sparsegpt); returns the names updated."""
+        if self.update != "sparsegpt" or stats is None or not (s > 0 or nm is not None):
+            return set()
+        todo = [t for t in targets if stats.get(t.name) is not None and stats[t.name].ntokens > 0]
+        for i, (new, _) in iter_sparsegpt([(t.weight, stats[t.name].gram) for t in todo], s, nm,
+                                          self.blocksize, self.percdamp):
+            todo[i].weight.copy_(new.to(todo[i].weight.dtype))
+        return {t.name for t in todo}
 
     @torch.no_grad()
     def _prune_target(self, t: Any, st: Optional[TargetStats], s: float, nm: Optional[tuple]) -> None:
@@ -244,8 +262,9 @@ class OWLPruner(UnstructuredPruner):
 
         def measure(l: int, targets: list, stats: Optional[dict]) -> bool:
             live = [t for t in targets if stats[t.name].ntokens > 0]
-            ratios[l] = alloc.outlier_ratio(lambda: (wanda.fn(t.weight, stats[t.name].norm_sq()) for t in live),
-                                            self.owl_m)
+            per = self.owl_expert_samples
+            ratios[l] = alloc.outlier_ratio(
+                lambda: (wanda.fn(t.weight, stats[t.name].norm_sq(per)) for t in live), self.owl_m)
             if not math.isfinite(ratios[l]):
                 raise DataError(f"non-finite OWL outlier ratio in layer {l} ({ratios[l]})")
             sizes[l] = sum(t.weight.numel() for t in targets)
@@ -256,6 +275,7 @@ class OWLPruner(UnstructuredPruner):
         report["layer_forwards"] += engine.layer_forwards
         report["layer_seconds"] = engine.layer_seconds
         report["owl"] = {"m": self.owl_m, "lambda": self.owl_lambda, "weighting": self.owl_weighting,
+                         "expert_samples": self.owl_expert_samples,
                          "outlier_ratios": ratios, "layer_numel": sizes}
         # layers with nothing to prune (e.g. a dense layer under scope=experts) take no part in
         # the min-max normalisation or the mean

@@ -18,6 +18,8 @@ H == 0 and would be zeroed wholesale, so the caller must not pass it here (polic
 """
 from __future__ import annotations
 
+from typing import Iterator, Sequence
+
 import torch
 from torch import Tensor
 
@@ -40,39 +42,81 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float,
                     nm: tuple[int, int] | None = None, blocksize: int = 128,
                     percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
     """Return (updated weight in fp32, boolean mask of pruned entries). Inputs are not modified."""
-    w = weight.detach().float().clone()
-    h = hessian.detach().to(w.device, torch.float32).clone()
-    u = _inverse_factor(h, w, percdamp)
-    cols = w.shape[1]
+    (w, mask), = sparsegpt_prune_many([(weight, hessian)], sparsity, nm, blocksize, percdamp)
+    return w, mask
+
+
+@torch.no_grad()
+def sparsegpt_prune_many(items: Sequence[tuple[Tensor, Tensor]], sparsity: float,
+                         nm: tuple[int, int] | None = None, blocksize: int = 128,
+                         percdamp: float = 0.01, max_numel: int = 1 << 26) -> list[tuple[Tensor, Tensor]]:
+    """``sparsegpt_prune`` of each (weight, hessian), equal bit for bit to one call per matrix."""
+    out = dict(iter_sparsegpt(items, sparsity, nm, blocksize, percdamp, max_numel))
+    return [out[i] for i in range(len(items))]
+
+
+@torch.no_grad()
+def iter_sparsegpt(items: Sequence[tuple[Tensor, Tensor]], sparsity: float,
+                   nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01,
+                   max_numel: int = 1 << 26) -> Iterator[tuple[int, tuple[Tensor, Tensor]]]:
+    """Yield (index, (weight, mask)) as ``sparsegpt_prune`` would return them, stack by stack
+    (grouped by shape, so not necessarily in index order).
+
+    Matrices of one shape are stacked (in their order; at most ``max_numel`` weight entries per
+    stack, so memory stays bounded) and their column loops run together: every step is elementwise
+    per matrix, or a per-matrix selection / matrix product, so stacking changes no value, only the
+    per-column Python cost (the experts of an MoE layer share shapes).
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (w, _) in enumerate(items):
+        groups.setdefault(tuple(w.shape), []).append(i)
+    for idx in groups.values():
+        per = max(1, max_numel // max(items[idx[0]][0].numel(), 1))
+        for a in range(0, len(idx), per):
+            part = idx[a:a + per]
+            yield from zip(part, _prune_stack([items[i] for i in part], sparsity, nm, blocksize, percdamp))
+
+
+def _prune_stack(items: Sequence[tuple[Tensor, Tensor]], sparsity: float, nm: tuple[int, int] | None,
+                 blocksize: int, percdamp: float) -> list[tuple[Tensor, Tensor]]:
+    w = torch.stack([wt.detach().float() for wt, _ in items])                       # [E, rows, cols]
+    # the factors as LAPACK returns them (their memory layout picks the BLAS path of the lazy
+    # update product below, so they are kept); a stacked copy serves the elementwise column loop
+    factors = [_inverse_factor(h.detach().to(w.device, torch.float32).clone(), w[e], percdamp)
+               for e, (_, h) in enumerate(items)]
+    u = torch.stack(factors)
+    n_mat, rows, cols = w.shape
     if nm is not None and (blocksize % nm[1] or cols % nm[1]):
         raise ValueError(f"N:M {nm} needs blocksize ({blocksize}) and width ({cols}) divisible by M")
     mask = torch.zeros_like(w, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-        d = torch.diagonal(u1)
+        w1, u1 = w[:, :, i1:i2].clone(), u[:, i1:i2, i1:i2]
+        d = torch.diagonal(u1, dim1=1, dim2=2)                                       # [E, B]
         m1 = _block_mask(w1, d, sparsity) if nm is None else torch.zeros_like(w1, dtype=torch.bool)
         err1 = torch.zeros_like(w1)
         for c in range(i2 - i1):
             if nm is not None and c % nm[1] == 0:
-                grp = w1[:, c:c + nm[1]] ** 2 / d[c:c + nm[1]].unsqueeze(0) ** 2
-                m1[:, c:c + nm[1]] |= nm_mask(grp, *nm)
-            col = w1[:, c]
-            q = col.masked_fill(m1[:, c], 0.0)
-            err = (col - q) / d[c]
-            w1[:, c:] -= err.unsqueeze(1) * u1[c, c:].unsqueeze(0)
-            w1[:, c] = q
-            err1[:, c] = err
-        w[:, i1:i2] = w1
-        mask[:, i1:i2] = m1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    return w, mask
+                grp = w1[:, :, c:c + nm[1]] ** 2 / d[:, None, c:c + nm[1]] ** 2
+                m1[:, :, c:c + nm[1]] |= nm_mask(grp.reshape(n_mat * rows, -1), *nm).view_as(grp)
+            col = w1[:, :, c]
+            q = col.masked_fill(m1[:, :, c], 0.0)
+            err = (col - q) / d[:, c:c + 1]
+            w1[:, :, c:] -= err.unsqueeze(2) * u1[:, c, c:].unsqueeze(1)
+            w1[:, :, c] = q
+            err1[:, :, c] = err
+        w[:, :, i1:i2] = w1
+        mask[:, :, i1:i2] = m1
+        for e in range(n_mat):                       # per matrix: the reference's own product
+            w[e, :, i2:] -= err1[e] @ factors[e][i1:i2, i2:]
+    return [(w[e], mask[e]) for e in range(n_mat)]
 
 
 def _block_mask(w1: Tensor, d: Tensor, sparsity: float) -> Tensor:
-    """Unstructured mask of one column block, one threshold over all rows of the block."""
+    """Unstructured masks of one column block [E, rows, B], one threshold per matrix over all its rows."""
     if sparsity <= 0:
         return torch.zeros_like(w1, dtype=torch.bool)
-    score = w1 ** 2 / d.unsqueeze(0) ** 2
-    thr = torch.sort(score.flatten()).values[int(score.numel() * sparsity)]
-    return score <= thr
+    score = w1 ** 2 / d.unsqueeze(1) ** 2
+    flat = score.reshape(score.shape[0], -1)
+    thr = torch.kthvalue(flat, int(flat.shape[1] * sparsity) + 1, dim=1).values
+    return score <= thr[:, None, None]

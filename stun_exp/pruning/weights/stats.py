@@ -5,11 +5,21 @@
   gsq     sum of (g_t x_tj)^2 with g the routing weight (experts only) [C_in] or None
   gram    sum of x x^T (SparseGPT Hessian up to scale)                 [C_in, C_in] or None
   ncalls  forward calls (calibration samples) in which the matrix saw >= 1 token
+  nblock  forward calls of the decoder layer while observing (every calibration sample)
   ntokens tokens seen
 
 The reference (Wanda ``WrappedGPT.add_batch``, STUN's copy) keeps sq as a running mean over
-forward calls, i.e. sq / ncalls; ``norm_sq``/``norm_gsq`` reproduce that. The division never
-changes a within-row ranking; it does change OWL's pooled outlier ratio (experts see fewer tokens).
+the calls of the module's forward hook, i.e. sq / (number of calls); ``norm_sq``/``norm_gsq``
+reproduce that. Which calls count depends on how the model code calls its experts:
+  block_calls   every call of the MoE block is one sample for every expert, routed or not:
+                STUN's Mixtral modelling code (thnkinbtfly/STUN ``utils/modeling_mixtral.py``,
+                ``MixtralSparseMoeBlock.forward``) runs every expert on every call, an expert
+                without tokens on an empty batch, and ``add_batch`` counts that call too;
+  routed_calls  only the calls in which the expert received >= 1 token: STUN's Arctic modelling
+                code (``utils/modeling_arctic.py``, ``ArcticMoE._moe_foreward``) skips an expert
+                with no tokens, so its hook does not fire.
+For non-expert matrices both are the number of samples. The division never changes a
+within-row ranking; it does change OWL's pooled outlier ratio (experts see fewer tokens).
 """
 from __future__ import annotations
 
@@ -27,13 +37,22 @@ class TargetStats:
     gram: Optional[Tensor] = None
     ncalls: int = 0
     ntokens: int = 0
+    nblock: int = 0
 
-    def norm_sq(self) -> Tensor:
-        return self.sq / max(self.ncalls, 1)
+    def samples(self, per: str = "routed_calls") -> int:
+        """The reference's sample count: ``routed_calls`` or ``block_calls`` (module docstring)."""
+        if per == "routed_calls":
+            return self.ncalls
+        if per == "block_calls":
+            return max(self.nblock, self.ncalls)
+        raise ValueError(f"unknown sample count {per!r}; known: block_calls, routed_calls")
 
-    def norm_gsq(self) -> Tensor:
+    def norm_sq(self, per: str = "routed_calls") -> Tensor:
+        return self.sq / max(self.samples(per), 1)
+
+    def norm_gsq(self, per: str = "routed_calls") -> Tensor:
         src = self.gsq if self.gsq is not None else self.sq
-        return src / max(self.ncalls, 1)
+        return src / max(self.samples(per), 1)
 
 
 class InputHook:

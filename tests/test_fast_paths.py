@@ -1,0 +1,132 @@
+"""The fast paths give the same bits as the plain computations they replace, on tiny inputs and models.
+
+* masks: selection (kthvalue) instead of a stable sort;
+* SparseGPT: same-shape matrices stacked, against the plain one-matrix column loop below;
+* observer: the fused forward's own gated hidden states instead of a per-expert recomputation,
+  for the statistics and for whole pruning runs (Wanda, SparseGPT, OWL, MoE-Pruner).
+"""
+import pytest
+import torch
+
+from stun_exp.context import RunContext
+from stun_exp.models.adapter import get_adapter
+from stun_exp.observe import observer as O
+from stun_exp.pruning.weights import pruners as P
+from stun_exp.pruning.weights.masks import nm_mask, row_mask, threshold_mask
+from stun_exp.pruning.weights.sparsegpt import sparsegpt_prune, sparsegpt_prune_many
+from tests.tiny_models import tiny_input, tiny_model
+
+
+def _scores():
+    g = torch.Generator().manual_seed(0)
+    yield torch.rand(40, 64, generator=g)
+    yield torch.randint(0, 4, (30, 24), generator=g).float()          # many ties
+    z = torch.zeros(8, 16)
+    z[::2] = -0.0                                                       # signed zeros tie
+    yield z
+    yield torch.randn(9, 13, generator=g)
+
+
+@pytest.mark.parametrize("s", [0.0, 0.1, 0.5, 0.93])
+def test_masks_equal_the_sort_rules(s):
+    for sc in _scores():
+        k = int(sc.shape[1] * s)
+        idx = torch.sort(sc, dim=1, stable=True).indices[:, :k]
+        ref = torch.zeros_like(sc, dtype=torch.bool).scatter_(1, idx, True)
+        assert torch.equal(row_mask(sc, s), ref)
+        if s > 0:
+            thr = torch.sort(sc.flatten()).values[int(sc.numel() * s)]
+            assert torch.equal(threshold_mask(sc, s), sc <= thr)
+
+
+def _plain_sparsegpt(w, h, s, nm, bs, percdamp=0.01):
+    """One matrix, the reference's loop, sort-based block threshold."""
+    w, h = w.float().clone(), h.float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += percdamp * torch.mean(torch.diagonal(h)) * torch.eye(h.shape[0])
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, w.shape[1], bs):
+        i2 = min(i1 + bs, w.shape[1])
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        d = torch.diagonal(u1)
+        m1 = torch.zeros_like(w1, dtype=torch.bool)
+        if nm is None and s > 0:
+            sc = w1 ** 2 / d[None] ** 2
+            m1 = sc <= torch.sort(sc.flatten()).values[int(sc.numel() * s)]
+        err1 = torch.zeros_like(w1)
+        for c in range(i2 - i1):
+            if nm is not None and c % nm[1] == 0:
+                m1[:, c:c + nm[1]] |= nm_mask(w1[:, c:c + nm[1]] ** 2 / d[c:c + nm[1]][None] ** 2, *nm)
+            col = w1[:, c]
+            q = col.masked_fill(m1[:, c], 0.0)
+            err = (col - q) / d[c]
+            w1[:, c:] -= err[:, None] * u1[c, c:][None]
+            w1[:, c] = q
+            err1[:, c] = err
+        w[:, i1:i2], mask[:, i1:i2] = w1, m1
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return w, mask
+
+
+@pytest.mark.parametrize("s,nm", [(0.0, None), (0.5, None), (0.7, None), (0.5, (2, 4))])
+def test_stacked_sparsegpt_equals_the_plain_loop(s, nm):
+    g = torch.Generator().manual_seed(1)
+    items = []
+    for shape in [(24, 32), (32, 24), (24, 32), (24, 32)]:
+        x = torch.randn(100, shape[1], generator=g) * torch.rand(shape[1], generator=g)
+        x[:, 5] = 0
+        items.append((torch.randn(*shape, generator=g), x.T @ x))
+    got = sparsegpt_prune_many(items, s, nm, blocksize=8, max_numel=24 * 32 * 2)   # stacks of two
+    for (w, h), (gw, gm) in zip(items, got):
+        rw, rm = _plain_sparsegpt(w, h, s, nm, 8)
+        assert torch.equal(gw, rw) and torch.equal(gm, rm)
+        sw, sm = sparsegpt_prune(w, h, s, nm, 8)
+        assert torch.equal(sw, rw) and torch.equal(sm, rm)
+
+
+FUSED = ["mixtral", "qwen3_moe", "deepseek_v2", "gpt_oss"]
+
+
+@pytest.mark.parametrize("arch", FUSED)
+def test_kept_hidden_rows_give_the_recomputed_statistics(arch, monkeypatch):
+    model, x = tiny_model(arch), tiny_input(3, 12)
+    ad = get_adapter(model)
+
+    def observe():
+        with O.ExpertObserver(ad, gram=True) as obs, torch.no_grad():
+            y = model(input_ids=x).logits
+        return obs, y
+    fast, y_fast = observe()
+    assert fast._rows_checked and all(fast._rows_checked.values())      # the fast path ran
+    monkeypatch.setattr(O, "_ROW_ORDER", {})
+    slow, y_slow = observe()
+    assert not slow._rows_checked
+    assert torch.equal(y_fast, y_slow)
+    for l, st in fast.stats.items():
+        for f in ("count", "coact", "gate_sum", "xsq", "hsq", "gxsq", "ghsq", "gram_x", "gram_h"):
+            assert torch.equal(getattr(st, f), getattr(slow.stats[l], f)), (l, f)
+
+
+METHODS = [(P.WandaPruner, {}), (P.SparseGPTPruner, {}), (P.SparseGPTPruner, {"nm": "2:4"}),
+           (P.OWLPruner, dict(owl_m=2.0, owl_lambda=0.1)),
+           (P.MoEPruner, dict(scope="experts", prune_router=False, prune_shared_experts=False,
+                              prune_dense_mlp=False))]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("cls,kw", METHODS)
+def test_pruned_weights_equal_with_and_without_the_fast_observer(arch, cls, kw, monkeypatch):
+    def run():
+        model = tiny_model(arch)
+        ctx = RunContext(cfg=None, model=model, tokenizer=None, adapter=get_adapter(model),
+                         calib=tiny_input(4, 16), device=torch.device("cpu"))
+        cls(name="x", **kw).prune(ctx, sparsity=0.5 if "nm" not in kw else None)
+        return model.state_dict()
+    fast = run()
+    monkeypatch.setattr(O, "_ROW_ORDER", {})
+    slow = run()
+    for k in fast:
+        assert torch.equal(fast[k], slow[k]), k

@@ -1,0 +1,69 @@
+"""weight_report (one read) equals census + kurtosis_report + mask_digest + targeted_counts."""
+import math
+
+import pytest
+import torch
+
+from stun_exp.analysis import sparsity as ledger
+from stun_exp.analysis.kurtosis import Moments, chunk_moments, kurtosis_report
+from stun_exp.analysis.weight_report import weight_report
+from stun_exp.context import RunContext
+from stun_exp.models.adapter import get_adapter
+from stun_exp.pruning.weights.pruners import WandaPruner
+from tests.tiny_models import tiny_input, tiny_model
+
+
+def _same(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _same(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _same(x, y)
+    elif isinstance(a, float):
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v2", "arctic"])
+@pytest.mark.parametrize("chunk", [16, 1 << 16])
+def test_one_read_equals_the_separate_analyses(arch, chunk):
+    model = tiny_model(arch)
+    ad = get_adapter(model)
+    pruner = WandaPruner(name="wanda", prune_router=False)
+    dense = weight_report(model, ad, chunk=chunk)
+    _same(dense["census"], ledger.census(model, ad))
+    _same(dense["kurtosis"], kurtosis_report(ad))
+    assert dense["mask_digest"] == ledger.mask_digest(ad)
+    pruner.prune(RunContext(cfg=None, model=model, tokenizer=None, adapter=ad, calib=tiny_input(3, 12),
+                            device=torch.device("cpu")), sparsity=0.5)
+    after = weight_report(model, ad, nonzero_only=True, is_targeted=pruner.is_targeted, chunk=chunk)
+    _same(after["census"], ledger.census(model, ad))
+    _same(after["kurtosis"], kurtosis_report(ad, nonzero_only=True))
+    assert after["mask_digest"] == ledger.mask_digest(ad) != dense["mask_digest"]
+    assert after["targeted"] == ledger.targeted_counts(ad, pruner.is_targeted)
+    assert after["census"]["decoder_linear_nonzero"] < dense["census"]["decoder_linear_nonzero"]
+
+
+def test_moments_merge_equals_one_sample():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(50, generator=g) * 3 + 7, torch.rand(31, generator=g) - 20]).double()
+    whole = chunk_moments(x.clone())
+    merged = Moments()
+    for part in x.split([1, 20, 0, 45, 15]):
+        merged = merged + chunk_moments(part.clone())
+    for f in ("n", "mean", "m2", "m3", "m4"):
+        assert getattr(merged, f) == pytest.approx(getattr(whole, f), rel=1e-11)
+    d = x - x.mean()
+    assert whole.m3 == pytest.approx(float((d ** 3).sum()), rel=1e-11)
+    assert whole.kurtosis() == pytest.approx(float((d ** 4).mean() / (d ** 2).mean() ** 2), rel=1e-12)
+    # dropping the zeros by correction equals the moments of the non-zero entries
+    y = x.clone()
+    y[::3] = 0
+    nz = chunk_moments(y[y != 0].clone())
+    fast = chunk_moments(y.clone(), zeros=int((y == 0).sum()))
+    for f in ("n", "mean", "m2", "m3", "m4"):
+        assert getattr(fast, f) == pytest.approx(getattr(nz, f), rel=1e-11)
