@@ -14,11 +14,8 @@ work too: the threshold search reclusters every layer per step, so its x35 is an
 when fewer than 128 samples are used, scales the engine passes linearly to 128 samples.
 Paper (STUN, Table/Sec. on Arctic, one H100): Wanda 0.58 h, OWL 1.12 h.
 
-OWL note: the project's ``OWLPruner`` pools the Wanda scores of all targets of a layer at once
-(``allocation.outlier_ratio`` concatenates them on the CPU): for an Arctic layer that is ~55 GB of
-fp32 scores on the GPU plus two CPU copies. This benchmark times OWL with ``LowMemoryOWL``, whose
-outlier ratio is computed matrix by matrix (pass 1: sum and count, pass 2: count above m*mean);
-the numbers differ from the pooled version only by summation order of the mean.
+OWL's outlier ratio streams over the matrices of a layer (two passes), so a layer's pooled scores are
+never held at once.
 """
 from __future__ import annotations
 
@@ -27,7 +24,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -36,9 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from stun_exp.context import Counters, RunContext  # noqa: E402
 from stun_exp.models.adapter import get_adapter  # noqa: E402
-from stun_exp.pruning.weights import allocation as alloc  # noqa: E402
-from stun_exp.pruning.weights.pruners import OWLPruner, WandaPruner  # noqa: E402
-from stun_exp.pruning.weights.scores import get_score  # noqa: E402
+from stun_exp.pruning.weights.pruners import UnstructuredPruner  # noqa: E402
 
 SHAPES = {
     "full": dict(hidden_size=7168, num_local_experts=128, intermediate_size=4864, num_attention_heads=56,
@@ -49,41 +43,6 @@ SHAPES = {
 PAPER_H = {"wanda": 0.58, "owl": 1.12}
 N_LAYERS = 35
 
-
-@torch.no_grad()
-def streaming_outlier_ratio(score_fns: list, m: float) -> float:
-    """OWL's D_l without pooling: mean from per-matrix sums, then per-matrix counts above m*mean."""
-    total, n = 0.0, 0
-    for fn in score_fns:
-        s = fn()
-        total += float(s.double().sum())
-        n += s.numel()
-    if n == 0:
-        return 0.0
-    thr = m * (total / n)
-    above = sum(int((fn() > thr).sum()) for fn in score_fns)
-    return above * 100.0 / n
-
-
-class LowMemoryOWL(OWLPruner):
-    """OWLPruner whose outlier pass never holds more than one matrix's scores."""
-
-    def _layer_plan(self, ctx: Any, s: float, n_layers: int, report: dict) -> list[tuple]:
-        ratios, sizes = [0.0] * n_layers, [0] * n_layers
-        wanda = get_score("wanda")
-
-        def measure(l: int, targets: list, stats: Any) -> bool:
-            fns = [(lambda t=t: wanda.fn(t.weight, stats[t.name].norm_sq())) for t in targets
-                   if stats[t.name].ntokens > 0]
-            ratios[l] = streaming_outlier_ratio(fns, self.owl_m)
-            sizes[l] = sum(t.weight.numel() for t in targets)
-            return False
-
-        engine = self._engine(ctx, "owl:outliers")
-        engine.run(measure)
-        report["layer_forwards"] += engine.layer_forwards
-        report["owl"] = {"outlier_ratios": ratios}
-        return [(sp, None) for sp in alloc.owl_sparsities(ratios, s, self.owl_lambda, None)]
 
 
 def build_layer(shape: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -171,8 +130,7 @@ def main() -> None:
             secs, peak = timed(device, lambda: stun_phase1(ctx, 0.125))
             x35 = secs * N_LAYERS
         else:
-            pr = WandaPruner(name="wanda") if method == "wanda" else LowMemoryOWL(
-                name="owl", owl_m=5.0, owl_lambda=0.08)
+            pr = UnstructuredPruner(name=method, score="wanda", allocation="owl" if method == "owl" else "uniform")
             secs, peak = timed(device, lambda: pr.prune(ctx, sparsity=0.5))
             x35 = secs * N_LAYERS * sample_scale
         rows.append({"method": method, "device": name, "scale": scale, "nsamples": shape["nsamples"],

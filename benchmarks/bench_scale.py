@@ -93,7 +93,7 @@ def child(mode: str, src: str, out: str, cap: int | None, evaluate: bool) -> dic
     import torch
     torch.set_num_threads(1)
     from stun_exp.pruning.expert.stun import StunPruner
-    from stun_exp.pruning.weights.pruners import WandaPruner
+    from stun_exp.pruning.weights.pruners import UnstructuredPruner
     calib = torch.randint(0, WIDTH["vocab_size"], (NSAMPLES, SEQLEN), generator=torch.Generator().manual_seed(1))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
@@ -109,11 +109,11 @@ def child(mode: str, src: str, out: str, cap: int | None, evaluate: bool) -> dic
         ad = get_adapter(model)
         ctx = RunContext(None, model, None, ad, calib, torch.device("cpu"))
         apply_plan(ad, StunPruner(expert_sparsity=0.25).plan(ctx))
-        WandaPruner(name="wanda", sparsity=0.5).prune(ctx)
+        UnstructuredPruner(score="wanda", name="wanda", sparsity=0.5).prune(ctx)
         save_pretrained(model, None, out)
     else:
         from stun_exp.streaming import prune_streaming
-        r = prune_streaming(src, out, StunPruner(expert_sparsity=0.25), WandaPruner(name="wanda", sparsity=0.5),
+        r = prune_streaming(src, out, StunPruner(expert_sparsity=0.25), UnstructuredPruner(score="wanda", name="wanda", sparsity=0.5),
                             calib, "cpu")
         res["peak_live_layers"] = r["streaming"]["peak_live_layers"]
         res["sparsity"] = round(r["sparsity"]["decoder_linear"], 4)

@@ -137,19 +137,20 @@ def stage_expert(cfg: DictConfig, ctx: RunContext, rt: Runtime, run_dir: Optiona
             "removal": plan.removal, "meta": plan.meta}
 
 
-def stage_unstructured(cfg: DictConfig, ctx: RunContext, rt: Runtime, dense_census: dict,
+def stage_unstructured(pruner: Any, ctx: RunContext, dense_census: dict, mid: Optional[dict],
                        request: Any) -> dict[str, Any]:
-    if cfg.unstructured_pruner.name == "none":
+    """The unstructured pruner at its own ratio, or at the one that lands the total target (derived from
+    the weight report taken after the expert phase)."""
+    if pruner is None:
         return {}
-    pruner = instantiate(cfg.unstructured_pruner, _convert_="all")
     split = None
     if request.total is not None:
-        split = rt.unstructured_split(request.total, dense_census, pruner.is_targeted)
+        now_nz = mid["census"]["decoder_linear_nonzero"]
+        split = ledger.ratio_from_counts(request.total, dense_census, now_nz, *mid["targeted"])
         log.info("total target %.3f: expert phase %.4f, unstructured ratio %.4f", request.total,
                  split["structured_share"], split["unstructured_ratio"])
     report = pruner.prune(ctx, sparsity=split["unstructured_ratio"] if split else request.ratio)
     report["split"] = split
-    ctx.info["unstructured_pruner"] = pruner
     return report
 
 
@@ -225,29 +226,35 @@ def _stages(cfg: DictConfig, rt: Runtime, device: torch.device, run_dir: Optiona
     ctx.info.update(pretrained_path=rt.pretrained_path, model_dir=str(rt.model_dir) if rt.model_dir else None)
     if cfg.distill.name != "none":
         ctx.dense_state = {k: v.detach().to("cpu", copy=True) for k, v in rt.model.state_dict().items()}
+    pruner = instantiate(cfg.unstructured_pruner, _convert_="all") if cfg.unstructured_pruner.name != "none" \
+        else None
+    targeted = pruner.is_targeted if pruner is not None else None
     with timer.stage("dense_analysis"):
-        dense_census = rt.census()
-        kurt = {"dense": rt.kurtosis()}
+        rep = rt.weight_report(digest=False)
+        dense_census, kurt = rep["census"], {"dense": rep["kurtosis"], "after_expert": None}
     with timer.stage("dense_eval"):
         dense = dense_metrics(cfg, rt)
     with timer.stage("expert_pruning"):
         expert = stage_expert(cfg, ctx, rt, run_dir)
-    kurt["after_expert"] = rt.kurtosis() if expert else None
+    mid = None
+    if expert or (pruner is not None and request.total is not None):
+        with timer.stage("analyse_after_expert"):
+            mid = rt.weight_report(is_targeted=targeted, digest=False)
+            kurt["after_expert"] = mid["kurtosis"] if expert else None
     with timer.stage("unstructured_pruning"):
-        unstructured = stage_unstructured(cfg, ctx, rt, dense_census, request)
+        unstructured = stage_unstructured(pruner, ctx, dense_census, mid, request)
     with timer.stage("distill"):
         distill = stage_distill(cfg, ctx)
     with timer.stage("write"):
         if hasattr(rt, "write"):
             rt.write(ctx)
     with timer.stage("analyse"):
-        pruner = ctx.info.get("unstructured_pruner")
-        now = rt.census()
+        final = rt.weight_report(nonzero_only=pruner is not None, is_targeted=targeted)
+        now, digest = final["census"], final["mask_digest"]
         if pruner is not None:
-            unstructured["targeted"] = rt.targeted_counts(pruner.is_targeted)
+            unstructured["targeted"] = final["targeted"]
         sp = ledger.sparsity_report(dense_census, now, unstructured.get("targeted"))
-        kurt["after_unstructured_nonzero"] = rt.kurtosis(nonzero_only=True) if unstructured else None
-        digest = rt.mask_digest()
+        kurt["after_unstructured_nonzero"] = final["kurtosis"] if pruner is not None else None
     results = {
         "complete": False, "config_hash": chash, "seed": int(cfg.seed), "runtime": rt.name,
         "config": run_record.resolved_dict(cfg), "dense_metrics": dense, "metrics": {},

@@ -33,15 +33,12 @@ class Runtime(Protocol):
     tokenizer: Any
     model_dir: Optional[Path]       # the toy's folder (task files, dense-eval cache), else None
 
-    def census(self, is_targeted: Any = None) -> dict: ...
-    def kurtosis(self, nonzero_only: bool = False) -> dict: ...
+    def weight_report(self, nonzero_only: bool = False, is_targeted: Any = None, digest: bool = True) -> dict: ...
     def make_engine(self, ctx: Any, desc: str, select: Any, gram: bool = False, final: bool = False) -> Any: ...
     def plan_experts(self, pruner: Any, ctx: Any) -> Any: ...
     def apply_plan(self, plan: Any) -> None: ...
-    def unstructured_split(self, total: float, dense: dict, is_targeted: Any) -> dict: ...
     def finish(self, run_dir: Optional[Path], report: dict) -> Optional[Path]: ...
     def evaluate(self, eval_cfg: Any, dense: bool) -> dict: ...
-    def mask_digest(self) -> Optional[str]: ...
 
 
 def torch_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
@@ -92,17 +89,10 @@ class InMemoryRuntime:
         self.adapter = get_adapter(self.model)
 
     # ---- analysis ------------------------------------------------------------------------------
-    def census(self, is_targeted: Any = None) -> dict:
-        from stun_exp.analysis import sparsity as ledger
-        return ledger.census(self.model, self.adapter)
-
-    def kurtosis(self, nonzero_only: bool = False) -> dict:
-        from stun_exp.analysis.kurtosis import kurtosis_report
-        return kurtosis_report(self.adapter, nonzero_only=nonzero_only)
-
-    def mask_digest(self) -> Optional[str]:
-        from stun_exp.analysis.sparsity import mask_digest
-        return mask_digest(self.adapter)
+    def weight_report(self, nonzero_only: bool = False, is_targeted: Any = None, digest: bool = True) -> dict:
+        """Census, kurtosis, mask digest (and targeted counts) from one read of every weight."""
+        from stun_exp.analysis.weight_report import weight_report
+        return weight_report(self.model, self.adapter, nonzero_only, is_targeted, digest)
 
     # ---- pruning -------------------------------------------------------------------------------
     def make_engine(self, ctx: Any, desc: str, select: Any, gram: bool = False, final: bool = False) -> Any:
@@ -116,14 +106,6 @@ class InMemoryRuntime:
     def apply_plan(self, plan: Any) -> None:
         from stun_exp.models.surgery import apply_plan
         apply_plan(self.adapter, plan)
-
-    def unstructured_split(self, total: float, dense: dict, is_targeted: Any) -> dict:
-        from stun_exp.analysis import sparsity as ledger
-        return ledger.derive_unstructured_ratio(total, dense, self.adapter, is_targeted)
-
-    def targeted_counts(self, is_targeted: Any) -> tuple[int, int]:
-        from stun_exp.analysis import sparsity as ledger
-        return ledger.targeted_counts(self.adapter, is_targeted)
 
     # ---- output --------------------------------------------------------------------------------
     def finish(self, run_dir: Optional[Path], report: dict) -> Optional[Path]:

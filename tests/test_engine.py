@@ -169,13 +169,13 @@ def test_capture_keeps_rotary_kwargs():
 def test_cuda_engine_matches_cpu_and_offloads_layers():
     """Model on CPU, one layer at a time on the GPU: same Wanda masks as an all-CPU run."""
     from stun_exp.context import RunContext
-    from stun_exp.pruning.weights.pruners import WandaPruner
+    from stun_exp.pruning.weights.pruners import UnstructuredPruner
     masks = []
     for dev in ("cpu", "cuda"):
         model = tiny_model("mixtral")
         ctx = RunContext(cfg=None, model=model, tokenizer=None, adapter=get_adapter(model),
                          calib=tiny_input(4, 16), device=torch.device(dev))
-        WandaPruner(name="wanda").prune(ctx, sparsity=0.5)
+        UnstructuredPruner(score="wanda", name="wanda").prune(ctx, sparsity=0.5)
         assert all(p.device.type == "cpu" for p in model.parameters())
         masks.append([p.detach() == 0 for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*masks))

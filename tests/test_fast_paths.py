@@ -5,6 +5,8 @@
 * observer: the fused forward's own gated hidden states instead of a per-expert recomputation,
   for the statistics and for whole pruning runs (Wanda, SparseGPT, OWL, MoE-Pruner).
 """
+from functools import partial
+
 import pytest
 import torch
 
@@ -110,9 +112,9 @@ def test_kept_hidden_rows_give_the_recomputed_statistics(arch, monkeypatch):
             assert torch.equal(getattr(st, f), getattr(slow.stats[l], f)), (l, f)
 
 
-METHODS = [(P.WandaPruner, {}), (P.SparseGPTPruner, {}), (P.SparseGPTPruner, {"nm": "2:4"}),
-           (P.OWLPruner, dict(owl_m=2.0, owl_lambda=0.1)),
-           (P.MoEPruner, dict(scope="experts", prune_router=False, prune_shared_experts=False,
+METHODS = [(partial(P.UnstructuredPruner, score="wanda"), {}), (partial(P.UnstructuredPruner, score=None, update="sparsegpt"), {}), (partial(P.UnstructuredPruner, score=None, update="sparsegpt"), {"nm": "2:4"}),
+           (partial(P.UnstructuredPruner, score="wanda", allocation="owl"), dict(owl_m=2.0, owl_lambda=0.1)),
+           (partial(P.UnstructuredPruner, score="moe_pruner"), dict(scope="experts", prune_router=False, prune_shared_experts=False,
                               prune_dense_mlp=False))]
 
 

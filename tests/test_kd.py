@@ -8,7 +8,7 @@ from stun_exp.distill.expert_kd import ExpertKD, expert_pairs
 from stun_exp.errors import ConfigError
 from stun_exp.models.adapter import get_adapter
 from stun_exp.models.plan import ExpertPlan, LayerPlan
-from stun_exp.pruning.weights.pruners import MoEPruner, WandaPruner
+from stun_exp.pruning.weights.pruners import UnstructuredPruner
 from tests.tiny_models import tiny_input, tiny_model
 
 
@@ -21,7 +21,7 @@ def _pruned_ctx(arch="mixtral", plan=None):
         from stun_exp.models.surgery import apply_plan
         apply_plan(ctx.adapter, plan)
         ctx.info["expert_plan"] = plan
-    WandaPruner(name="wanda").prune(ctx, sparsity=0.5)
+    UnstructuredPruner(score="wanda", name="wanda").prune(ctx, sparsity=0.5)
     return ctx
 
 
@@ -73,7 +73,7 @@ def test_kd_after_moe_pruner_on_arctic_layout():
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ctx = RunContext(cfg=None, model=model, tokenizer=None, adapter=get_adapter(model),
                      calib=tiny_input(8, 16), device=torch.device("cpu"), dense_state=dense)
-    MoEPruner(name="moe_pruner", scope="experts", prune_router=False, prune_shared_experts=False,
+    UnstructuredPruner(score="moe_pruner", name="moe_pruner", scope="experts", prune_router=False, prune_shared_experts=False,
               prune_dense_mlp=False).prune(ctx, sparsity=0.5)
     rep = ExpertKD(steps=3, lr=1e-3, lambda_mse=1e4, batch_size=2).distill(ctx)
     assert rep["revived_entries"] == 0 and rep["after"]["expert_mse"] < rep["before"]["expert_mse"]

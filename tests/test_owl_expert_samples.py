@@ -17,7 +17,7 @@ from stun_exp.context import RunContext
 from stun_exp.errors import ConfigError
 from stun_exp.models.adapter import get_adapter
 from stun_exp.pruning.weights import configs as C
-from stun_exp.pruning.weights.pruners import OWLPruner
+from stun_exp.pruning.weights.pruners import UnstructuredPruner
 from tests.tiny_models import tiny_input, tiny_model
 
 M, LAM, S = 2.0, 0.1, 0.5
@@ -86,7 +86,7 @@ def _ours(per: str):
     model = tiny_model("arctic")
     ctx = RunContext(cfg=None, model=model, tokenizer=None, adapter=get_adapter(model), calib=_calib(),
                      device=torch.device("cpu"))
-    pruner = OWLPruner(name="owl", owl_m=M, owl_lambda=LAM, prune_router=False, owl_expert_samples=per)
+    pruner = UnstructuredPruner(score="wanda", allocation="owl", name="owl", owl_m=M, owl_lambda=LAM, prune_router=False, owl_expert_samples=per)
     return pruner.prune(ctx, sparsity=S)
 
 
@@ -103,6 +103,14 @@ def test_block_calls_match_the_reference_running_mean():
 
 
 def test_default_and_validation():
-    assert C.OWLSchema().owl_expert_samples == "block_calls"
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from stun_exp.run import CONF_DIR
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        node = compose(config_name="config", overrides=["unstructured_pruner=owl"]).unstructured_pruner
+    assert node.owl_expert_samples == "block_calls"
     with pytest.raises(ConfigError, match="owl_expert_samples"):
-        C.OWLSchema(owl_m=5.0, owl_lambda=0.08, owl_expert_samples="per_token").validate()
+        C.UnstructuredConfig(allocation="owl", sparsity=0.5, owl_m=5.0, owl_lambda=0.08, owl_weighting="uniform",
+                             owl_expert_samples="per_token").validate()
+    assert OmegaConf.to_object(node).owl_m == 5.0

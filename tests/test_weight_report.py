@@ -9,7 +9,7 @@ from stun_exp.analysis.kurtosis import Moments, chunk_moments, kurtosis_report
 from stun_exp.analysis.weight_report import weight_report
 from stun_exp.context import RunContext
 from stun_exp.models.adapter import get_adapter
-from stun_exp.pruning.weights.pruners import WandaPruner
+from stun_exp.pruning.weights.pruners import UnstructuredPruner
 from tests.tiny_models import tiny_input, tiny_model
 
 
@@ -33,7 +33,7 @@ def _same(a, b):
 def test_one_read_equals_the_separate_analyses(arch, chunk):
     model = tiny_model(arch)
     ad = get_adapter(model)
-    pruner = WandaPruner(name="wanda", prune_router=False)
+    pruner = UnstructuredPruner(score="wanda", name="wanda", prune_router=False)
     dense = weight_report(model, ad, chunk=chunk)
     _same(dense["census"], ledger.census(model, ad))
     _same(dense["kurtosis"], kurtosis_report(ad))

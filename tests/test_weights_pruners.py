@@ -17,6 +17,18 @@ from stun_exp.pruning.weights import configs as C
 from stun_exp.pruning.weights import pruners as P
 from tests.tiny_models import tiny_input, tiny_model
 
+
+def _preset(**base):
+    """A pruner composed like a preset (score x allocation x update), extra fields on top."""
+    return lambda **kw: P.UnstructuredPruner(**{"name": "x", **base, **kw})
+
+
+MAGNITUDE = _preset(score="magnitude")
+WANDA = _preset(score="wanda")
+MOE_PRUNER = _preset(score="moe_pruner")
+OWL = _preset(score="wanda", allocation="owl")
+SPARSEGPT = _preset(score=None, update="sparsegpt")
+
 CONF = Path(__file__).resolve().parents[1] / "conf" / "unstructured_pruner"
 OWL_KW = dict(owl_m=3.0, owl_lambda=0.08)
 EXPERTS_ONLY = dict(scope="experts", prune_router=False, prune_shared_experts=False, prune_dense_mlp=False)
@@ -27,9 +39,9 @@ def _ctx(model, adapter=None, n=4, t=16):
                       calib=tiny_input(n, t), device=torch.device("cpu"))
 
 
-@pytest.mark.parametrize("cls,kw", [(P.MagnitudePruner, {}), (P.WandaPruner, {}), (P.SparseGPTPruner, {}),
-                                    (P.MoEPruner, EXPERTS_ONLY), (P.WandaPruner, {"nm": "2:4"}),
-                                    (P.SparseGPTPruner, {"nm": "4:8"})])
+@pytest.mark.parametrize("cls,kw", [(MAGNITUDE, {}), (WANDA, {}), (SPARSEGPT, {}),
+                                    (MOE_PRUNER, EXPERTS_ONLY), (WANDA, {"nm": "2:4"}),
+                                    (SPARSEGPT, {"nm": "4:8"})])
 def test_achieved_sparsity_on_targets_within_half_percent(cls, kw):
     model = tiny_model("qwen2_moe")
     ctx = _ctx(model)
@@ -38,14 +50,14 @@ def test_achieved_sparsity_on_targets_within_half_percent(cls, kw):
     numel, zeros = targeted_counts(ctx.adapter, pruner.is_targeted)
     assert abs(zeros / numel - 0.5) < 0.005
     assert rep["achieved_sparsity"] == pytest.approx(zeros / numel)
-    assert rep["layer_forwards"] == (0 if cls is P.MagnitudePruner else 2 * 4 * 2)
+    assert rep["layer_forwards"] == (0 if cls is MAGNITUDE else 2 * 4 * 2)
     assert ctx.counters.layer_forwards == rep["layer_forwards"]
 
 
 def test_scope_flags_and_override_sparsity():
     model = tiny_model("qwen2_moe")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pruner = P.WandaPruner(name="wanda", prune_router=False, prune_shared_experts=False)
+    pruner = WANDA(name="wanda", prune_router=False, prune_shared_experts=False)
     rep = pruner.prune(_ctx(model), sparsity=0.25)
     assert rep["sparsity"] == 0.25 and rep["kinds"] == ["attention", "dense_mlp", "expert"]
     after = model.state_dict()
@@ -55,7 +67,7 @@ def test_scope_flags_and_override_sparsity():
             assert not changed, k
         if ("q_proj" in k or "experts" in k) and k.endswith("weight"):
             assert changed, k
-    moe = P.MoEPruner(name="moe_pruner", **EXPERTS_ONLY)
+    moe = MOE_PRUNER(name="moe_pruner", **EXPERTS_ONLY)
     assert moe.kinds == {"expert"}
 
 
@@ -66,7 +78,7 @@ def _block_expert0(model):
             lambda m, a, out: out - 1e4 * F.one_hot(torch.tensor(0), out.shape[-1]).to(out.dtype))
 
 
-@pytest.mark.parametrize("cls", [P.WandaPruner, P.SparseGPTPruner, P.MoEPruner])
+@pytest.mark.parametrize("cls", [WANDA, SPARSEGPT, MOE_PRUNER])
 def test_zero_token_experts_leave_dense_vs_magnitude(cls):
     for policy in ("leave_dense", "magnitude"):
         model = tiny_model("arctic")
@@ -89,7 +101,7 @@ def test_zero_token_experts_leave_dense_vs_magnitude(cls):
 
 def test_owl_plan_and_report():
     model = tiny_model("mixtral")
-    rep = P.OWLPruner(name="owl", owl_m=3.0, owl_lambda=0.05).prune(_ctx(model), sparsity=0.6)
+    rep = OWL(name="owl", owl_m=3.0, owl_lambda=0.05).prune(_ctx(model), sparsity=0.6)
     sp = rep["owl"]["layer_sparsity"]
     assert sum(sp) / len(sp) == pytest.approx(0.6)
     assert max(sp) - min(sp) == pytest.approx(0.1)
@@ -102,42 +114,54 @@ def test_owl_plan_and_report():
 
 def test_moe_pruner_uses_gate_weighting():
     a, b = tiny_model("mixtral"), tiny_model("mixtral")
-    P.WandaPruner(name="w", **EXPERTS_ONLY).prune(_ctx(a), sparsity=0.5)
-    P.MoEPruner(name="m", **EXPERTS_ONLY).prune(_ctx(b), sparsity=0.5)
+    WANDA(name="w", **EXPERTS_ONLY).prune(_ctx(a), sparsity=0.5)
+    MOE_PRUNER(name="m", **EXPERTS_ONLY).prune(_ctx(b), sparsity=0.5)
     ga, gb = a.model.layers[0].mlp.experts.gate_up_proj, b.model.layers[0].mlp.experts.gate_up_proj
     assert not torch.equal(ga == 0, gb == 0)
     assert torch.equal(a.model.layers[0].self_attn.q_proj.weight, b.model.layers[0].self_attn.q_proj.weight)
 
 
+def _schema(**kw):
+    """The unstructured schema with plain values (no default markers) and the given fields."""
+    base = dict(sparsity=0.5, owl_m=5.0, owl_lambda=0.08, owl_weighting="uniform", owl_expert_samples="block_calls",
+                blocksize=128, percdamp=0.01)
+    return C.UnstructuredConfig(**{**base, **kw})
+
+
 def test_nm_refuses_other_sparsity_and_config_validation():
     with pytest.raises(ConfigError, match="0.5"):
-        P.WandaPruner(name="w", nm="2:4").prune(_ctx(tiny_model("mixtral")), sparsity=0.3)
+        WANDA(name="w", nm="2:4").prune(_ctx(tiny_model("mixtral")), sparsity=0.3)
     with pytest.raises(ConfigError, match="nm"):
-        C.WandaSchema(nm="3:4").validate()
+        _schema(nm="3:4").validate()
     with pytest.raises(ConfigError, match="sparsity"):
-        C.WandaSchema(nm="2:4", sparsity=0.4).validate()
-    C.WandaSchema(nm="2:4", sparsity=None).validate()
+        _schema(nm="2:4", sparsity=0.4).validate()
+    _schema(nm="2:4", sparsity=None).validate()
     with pytest.raises(ConfigError, match="owl_m"):
-        C.OWLSchema().validate()
+        _schema(allocation="owl", owl_m=None).validate()
     with pytest.raises(ConfigError, match="experts\\+attention"):
-        C.WandaSchema(scope="expert+attention").validate()
+        _schema(scope="expert+attention").validate()
     with pytest.raises(ConfigError, match="sparsity"):
-        C.MagnitudeSchema(sparsity=1.0).validate()
+        _schema(score="magnitude", sparsity=1.0).validate()
     with pytest.raises(ConfigError, match="blocksize"):
-        C.SparseGPTSchema(nm="4:8", blocksize=100).validate()
+        _schema(score=None, update="sparsegpt", nm="4:8", blocksize=100).validate()
+    with pytest.raises(ConfigError, match="score"):
+        _schema(update="sparsegpt").validate()                 # SparseGPT has its own saliency
+    with pytest.raises(ConfigError, match="allocation"):
+        _schema(allocation="layerwise").validate()
 
 
 @pytest.mark.parametrize("name", ["none", "magnitude", "wanda", "owl", "sparsegpt", "moe_pruner"])
-def test_yaml_matches_schema_and_instantiates(name):
+def test_preset_yaml_composes_validates_and_instantiates(name):
+    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
-    schema = C.__dict__[{"none": "NoneSchema", "magnitude": "MagnitudeSchema", "wanda": "WandaSchema",
-                         "owl": "OWLSchema", "sparsegpt": "SparseGPTSchema",
-                         "moe_pruner": "MoEPrunerSchema"}[name]]
+
+    from stun_exp.run import CONF_DIR
     text = (CONF / f"{name}.yaml").read_text()
     assert text.startswith("#")
-    raw = OmegaConf.create(text)
-    assert list(raw.pop("defaults")) == [f"schema_{name}", "_self_"]
-    cfg = OmegaConf.merge(OmegaConf.structured(schema), raw)     # unknown keys would raise here
+    schema = "schema_none" if name == "none" else "schema_unstructured"
+    assert list(OmegaConf.create(text).defaults) == [schema, "_self_"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"unstructured_pruner={name}"]).unstructured_pruner
     OmegaConf.to_object(cfg).validate()
     pruner = instantiate(cfg, _convert_="all")
     assert pruner.name == name
@@ -145,6 +169,22 @@ def test_yaml_matches_schema_and_instantiates(name):
         assert pruner.kinds == {"expert"}
     elif name != "none":
         assert pruner.kinds == set(P.KINDS) and pruner.zero_token_experts == "leave_dense"
+
+
+def test_presets_compose_with_any_allocation():
+    """score x allocation x update: MoE-Pruner scores with OWL's layer sparsities."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from stun_exp.run import CONF_DIR
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["unstructured_pruner=moe_pruner",
+                                                       "unstructured_pruner.allocation=owl"])
+    pruner = instantiate(cfg.unstructured_pruner, _convert_="all")
+    rep = pruner.prune(_ctx(tiny_model("mixtral")), sparsity=0.5)
+    assert rep["score"] == "moe_pruner" and rep["allocation"] == "owl"
+    assert rep["owl"]["m"] == 5.0 and rep["owl"]["outlier_score"] == "moe_pruner"
+    assert len(set(rep["owl"]["layer_sparsity"])) > 1          # OWL spread the layer sparsities
 
 
 # ---- fused (transformers 5) vs ModuleList (Arctic remote code) layouts ---------------------------
@@ -181,7 +221,7 @@ def _fused_twin(model):
     return twin, MoEAdapter(twin, spec)
 
 
-@pytest.mark.parametrize("cls,kw", [(P.WandaPruner, {}), (P.MoEPruner, EXPERTS_ONLY)])
+@pytest.mark.parametrize("cls,kw", [(WANDA, {}), (MOE_PRUNER, EXPERTS_ONLY)])
 def test_fused_and_modulelist_layouts_give_the_same_masks(cls, kw):
     ml = tiny_model("arctic")
     fu, fu_adapter = _fused_twin(ml)
@@ -204,18 +244,18 @@ def test_fused_and_modulelist_layouts_give_the_same_masks(cls, kw):
 def test_owl_ignores_layers_without_targets():
     """DeepSeek's dense first layer has no routed experts: under scope=experts it takes no part."""
     model = tiny_model("deepseek_v2")
-    rep = P.OWLPruner(name="owl", owl_m=3.0, owl_lambda=0.05, **EXPERTS_ONLY).prune(_ctx(model), sparsity=0.5)
+    rep = OWL(name="owl", owl_m=3.0, owl_lambda=0.05, **EXPERTS_ONLY).prune(_ctx(model), sparsity=0.5)
     assert rep["owl"]["layer_numel"][0] == 0 and rep["owl"]["layer_sparsity"][0] == 0.0
     assert rep["owl"]["layer_sparsity"][1] == pytest.approx(0.5)      # the only live layer: uniform
-    rep = P.OWLPruner(name="owl", owl_m=3.0, owl_lambda=0.05, nm="2:4", **EXPERTS_ONLY).prune(
+    rep = OWL(name="owl", owl_m=3.0, owl_lambda=0.05, nm="2:4", **EXPERTS_ONLY).prune(
         _ctx(tiny_model("deepseek_v2")), sparsity=None)
     assert rep["owl"]["nm_offsets"] == {"1": 0}
 
 
-@pytest.mark.parametrize("cls,kw", [(P.WandaPruner, {"row_rounding": "balanced"}),
-                                    (P.OWLPruner, dict(OWL_KW, row_rounding="balanced")),
-                                    (P.SparseGPTPruner, {}), (P.MagnitudePruner, {}),
-                                    (P.MoEPruner, dict(EXPERTS_ONLY, row_rounding="balanced"))])
+@pytest.mark.parametrize("cls,kw", [(WANDA, {"row_rounding": "balanced"}),
+                                    (OWL, dict(OWL_KW, row_rounding="balanced")),
+                                    (SPARSEGPT, {}), (MAGNITUDE, {}),
+                                    (MOE_PRUNER, dict(EXPERTS_ONLY, row_rounding="balanced"))])
 def test_total_target_after_expert_removal_lands_within_half_percent(cls, kw):
     """Ledger split (expert phase + derived unstructured ratio) lands decoder-Linear sparsity at 40%."""
     from stun_exp.analysis.sparsity import census, derive_unstructured_ratio, sparsity_report

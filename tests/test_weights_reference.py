@@ -14,7 +14,7 @@ from torch import nn
 
 from stun_exp.context import RunContext
 from stun_exp.models.adapter import get_adapter
-from stun_exp.pruning.weights.pruners import OWLPruner, WandaPruner
+from stun_exp.pruning.weights.pruners import UnstructuredPruner
 from tests.tiny_models import tiny_input, tiny_model
 
 
@@ -87,7 +87,7 @@ def _blocked(model):
 def test_wanda_matches_reference_loop():
     calib = tiny_input(6, 16)
     ours, ref = _blocked(tiny_model("arctic")), _blocked(tiny_model("arctic"))
-    rep = WandaPruner(name="wanda").prune(_ctx(ours, calib), sparsity=0.4)
+    rep = UnstructuredPruner(score="wanda", name="wanda").prune(_ctx(ours, calib), sparsity=0.4)
     _reference(ref, calib, [0.4, 0.4])
     assert rep["zero_token_expert_count"] == 1
     for (n, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
@@ -97,7 +97,7 @@ def test_wanda_matches_reference_loop():
 def test_owl_matches_reference_loop():
     calib = tiny_input(6, 16)
     ours, ref = _blocked(tiny_model("arctic")), _blocked(tiny_model("arctic"))
-    rep = OWLPruner(name="owl", owl_m=2.0, owl_lambda=0.1).prune(_ctx(ours, calib), sparsity=0.5)
+    rep = UnstructuredPruner(score="wanda", allocation="owl", name="owl", owl_m=2.0, owl_lambda=0.1).prune(_ctx(ours, calib), sparsity=0.5)
     ratios = _reference_owl_ratios(ref, calib, 0.5, 2.0, 0.1)
     assert rep["owl"]["layer_sparsity"] == pytest.approx(ratios, abs=1e-9)
     assert max(ratios) - min(ratios) == pytest.approx(0.2)

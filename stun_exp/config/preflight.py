@@ -77,6 +77,7 @@ def _check_folder(key: str, full: Any) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from stun_exp.config.files import check_out_root
+    check_out_root(str(full.out_root))              # the root the user set is named first
     try:
         path = OmegaConf.select(full, key)
     except OmegaConfBaseException:      # an interpolation only Hydra's runtime can resolve

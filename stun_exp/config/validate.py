@@ -122,6 +122,9 @@ def _cross_checks(cfg: DictConfig, info: Any, request: Any) -> None:
         raise ConfigError("expert_pruner", cfg.expert_pruner.name, "none for a model without MoE layers "
                           f"({info.arch})")
     up = cfg.unstructured_pruner
+    if up.name != "none":
+        from stun_exp.pruning.weights.configs import check_unused_components
+        check_unused_components(up)
     if up.name != "none" and not info.moe_layers and up.get("scope") == "experts":
         raise ConfigError("unstructured_pruner.scope", up.scope, "experts+attention or all_decoder_linear: "
                           f"the model ({info.arch}) has no routed experts to prune")

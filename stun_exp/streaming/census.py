@@ -67,3 +67,39 @@ class LayerCensus:
     def targeted(self) -> tuple[int, int]:
         """(numel, zeros) over the targeted weights, as ``sparsity.targeted_counts``."""
         return self.c["tgt_numel"], self.c["tgt_zeros"]
+
+
+class LayerReport:
+    """The run's weight analysis (``analysis.weight_report``'s shape: census, kurtosis, mask digest,
+    targeted counts) accumulated one materialised decoder layer at a time. Kurtosis merges per-matrix
+    moments (``analysis.kurtosis.Moments``), so no layer's weights are kept after it is released."""
+
+    def __init__(self, is_targeted: Optional[Callable[[Any], bool]] = None, nonzero_only: bool = False,
+                 digest: bool = True) -> None:
+        import hashlib
+
+        from ..analysis.kurtosis import ChunkReader, CHUNK
+        self.census = LayerCensus(is_targeted)
+        self.nonzero_only = nonzero_only
+        self.rows: list[tuple[int, Any, Any]] = []
+        self.digest = hashlib.sha256() if digest else None
+        self.reader = ChunkReader(CHUNK)
+
+    def add_layer(self, adapter: Any, l: int) -> None:
+        from dataclasses import replace
+
+        from ..analysis.kurtosis import CHUNK, tensor_moments
+        from ..analysis.sparsity import digest_layer
+        self.census.add_layer(adapter, l)
+        if self.digest is not None:
+            digest_layer(self.digest, adapter, l)
+        for t in adapter.linear_targets(l):
+            mom = tensor_moments(t.weight, self.nonzero_only, CHUNK, self.reader)
+            self.rows.append((l, replace(t, weight=torch.empty(0), module=None), mom))
+
+    def finish(self, model: nn.Module, adapter: Any) -> dict[str, Any]:
+        from ..analysis.kurtosis import report_from_moments
+        return {"census": self.census.finish(model, adapter),
+                "kurtosis": report_from_moments(self.rows, self.nonzero_only),
+                "mask_digest": self.digest.hexdigest()[:16] if self.digest is not None else None,
+                "targeted": self.census.targeted if self.census.is_targeted is not None else None}

@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 from ..errors import ConfigError
 from ..runtime import model_source, torch_dtype
-from .census import LayerCensus
+from .census import LayerReport
 from .checkpoint import ShardedWriter
 from .engine import StreamingEngine
 from .expert import CheckpointAdapter, calibration_stats
@@ -79,31 +79,21 @@ class StreamingRuntime:
             self.offload_dir = rt.offload_dir or str(base / "activations")
 
     # ---- analysis -------------------------------------------------------------------------------
-    def census(self, is_targeted: Any = None) -> dict:
-        """The census of the model as it is now: the written checkpoint once the final pass ran."""
+    def weight_report(self, nonzero_only: bool = False, is_targeted: Any = None, digest: bool = True) -> dict:
+        """Census, kurtosis, digest (and targeted counts) of the model as it is now: one read of every
+        layer, or, once the pruned checkpoint is written, what was measured while writing it."""
         if self._out is not None and self._out.done:
-            return self._out.census.finish(self.model, self.adapter)
-        return census_pass(self.store, is_targeted).finish(self.model, self.adapter)
-
-    def targeted_counts(self, is_targeted: Any) -> tuple[int, int]:
-        if self._out is not None and self._out.done:
-            return self._out.census.targeted
-        return census_pass(self.store, is_targeted).targeted
-
-    def kurtosis(self, nonzero_only: bool = False) -> dict:
-        from ..analysis.kurtosis import kurtosis_report
-        view = _LayerByLayer(self.store)
-        try:
-            return kurtosis_report(view, nonzero_only=nonzero_only)
-        finally:
-            view.close()
-
-    def mask_digest(self) -> Optional[str]:
-        return self._out.digest.hexdigest()[:16] if self._out is not None and self._out.done else None
+            return self._out.report.finish(self.model, self.adapter)
+        rep = LayerReport(is_targeted, nonzero_only, digest)
+        for l in range(len(self.store.adapter.layers)):
+            self.store.materialise(l, "cpu")
+            rep.add_layer(self.store.adapter, l)
+            self.store.release(l)
+        return rep.finish(self.model, self.adapter)
 
     # ---- pruning --------------------------------------------------------------------------------
     def make_engine(self, ctx: Any, desc: str, select: Any, gram: bool = False, final: bool = False) -> Any:
-        sink = self._output(ctx, select) if final else None
+        sink = self._output(select, nonzero_only=True) if final else None
         return StreamingEngine(self.store, ctx.calib, self.device, select, ctx.counters, gram=gram, desc=desc,
                                on_layer_done=sink, offload_dir=self.offload_dir)
 
@@ -129,22 +119,17 @@ class StreamingRuntime:
     def apply_plan(self, plan: Any) -> None:
         self.store.plan = plan
 
-    def unstructured_split(self, total: float, dense: dict, is_targeted: Any) -> dict:
-        from ..analysis import sparsity as ledger
-        c = census_pass(self.store, is_targeted)
-        return ledger.ratio_from_counts(total, dense, c.c["dec_nz"], *c.targeted)
-
     # ---- output ---------------------------------------------------------------------------------
-    def _output(self, ctx: Any, select: Any = None) -> "_Output":
+    def _output(self, select: Any = None, nonzero_only: bool = False) -> "_Output":
         if self._out is None:
             if self.dest is None:
                 self.bind(None)
-            self._out = _Output(self.store, self.dest, select)
+            self._out = _Output(self.store, self.dest, LayerReport(select, nonzero_only))
         return self._out
 
     def write(self, ctx: Any) -> None:
         """Every layer written (a plain read-apply-write pass when no final pruning pass ran)."""
-        out = self._output(ctx)
+        out = self._output()
         if not out.written:
             for l in range(len(self.store.adapter.layers)):
                 out(l, self.store.materialise(l, "cpu"))
@@ -210,35 +195,21 @@ def local_dir(src: str) -> str:
     return snap
 
 
-def census_pass(store: LayerStore, is_targeted: Any = None) -> LayerCensus:
-    """Read every layer once (expert plan applied if set) and count."""
-    c = LayerCensus(is_targeted)
-    for l in range(len(store.adapter.layers)):
-        store.materialise(l, "cpu")
-        c.add_layer(store.adapter, l)
-        store.release(l)
-    return c
-
-
 class _Output:
-    """The pruned checkpoint being written: one shard per decoder layer, census and mask digest
-    accumulated as each layer is written (``on_layer_done`` of the final engine pass)."""
+    """The pruned checkpoint being written: one shard per decoder layer, its weight report (census,
+    kurtosis of the non-zero weights, mask digest) taken as each layer is written (``on_layer_done``
+    of the final engine pass)."""
 
-    def __init__(self, store: LayerStore, dest: Path, select: Any) -> None:
-        import hashlib
+    def __init__(self, store: LayerStore, dest: Path, report: LayerReport) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        self.store, self.dest = store, dest
+        self.store, self.dest, self.report = store, dest, report
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         self.writer = ShardedWriter(self.tmp, len(store.adapter.layers) + 1)
-        self.census = LayerCensus(select)
-        self.digest = hashlib.sha256()
         self.written: list[int] = []
         self.done = False
 
     def __call__(self, l: int, layer: Any) -> None:
-        from ..analysis.sparsity import digest_layer
-        self.census.add_layer(self.store.adapter, l)
-        digest_layer(self.digest, self.store.adapter, l)
+        self.report.add_layer(self.store.adapter, l)
         self.writer.write(self.store.layer_state(l))
         self.written.append(l)
 
@@ -249,28 +220,3 @@ class _Output:
         self.writer.write(self.store.global_state())
         self.writer.close()
         self.done = True
-
-
-class _LayerByLayer:
-    """An adapter view whose ``linear_targets(l)`` materialises layer l (and releases the previous
-    one), so per-layer analyses read one decoder layer at a time."""
-
-    def __init__(self, store: LayerStore) -> None:
-        self._store, self._live = store, None
-        self.layers = store.adapter.layers
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store.adapter, name)
-
-    def close(self) -> None:
-        if self._live is not None:
-            self._store.release(self._live)
-            self._live = None
-
-    def linear_targets(self, l: int) -> list:
-        if self._live is not None and self._live != l:
-            self._store.release(self._live)
-        if self._live != l:
-            self._store.materialise(l, "cpu")
-            self._live = l
-        return self._store.adapter.linear_targets(l)

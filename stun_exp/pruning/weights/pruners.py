@@ -1,9 +1,9 @@
 """Unstructured pruners (``hydra.utils.instantiate(cfg.unstructured_pruner)``).
 
-One class, ``UnstructuredPruner``, composes a score (``scores.SCORES``), an allocation (uniform or
-OWL) and an update rule (mask, or SparseGPT's OBS update) on the one ``SequentialEngine``; the
-named subclasses only pick those three. ``prune(ctx, sparsity)`` returns a JSON-able report that
-records the scope and every policy used.
+One class, ``UnstructuredPruner``, composes a score (``scores.SCORES``: magnitude, wanda,
+moe_pruner), an allocation (uniform or OWL) and an update rule (mask, or SparseGPT's OBS update) on
+the run's ``SequentialEngine``; the presets in ``conf/unstructured_pruner/`` only pick those three.
+``prune(ctx, sparsity)`` returns a JSON-able report that records the scope and every policy used.
 
 Policies (see configs.py for the field contract):
 * zero-token experts (no calibration token routed to them): ``leave_dense`` skips them (STUN's
@@ -12,11 +12,12 @@ Policies (see configs.py for the field contract):
 * MoE-Pruner on a non-expert matrix (scope wider than ``experts``): no gate multiplies its input,
   so its score is plain Wanda.
 * OWL: pass 1 is a dense pass (no pruning) that computes each layer's outlier ratio over the
-  Wanda scores of the layer's TARGETED matrices (zero-token experts excluded, as the reference
-  skips them); pass 2 prunes with the layer ratios. An expert's running mean divides by
-  ``owl_expert_samples``: block_calls (default; STUN's Mixtral code: every MoE block call is a
-  sample for every expert) or routed_calls (only calls that routed it a token; see stats.py). With ``nm`` the reference's N:M variant is
-  used (layer l prunes N - r_l of M). Layers with no targets are left out of the allocation.
+  pruner's own scores (Wanda's for SparseGPT, as OWL's code does) of the layer's TARGETED matrices
+  (zero-token experts excluded, as the reference skips them); pass 2 prunes with the layer ratios.
+  An expert's running mean divides by ``owl_expert_samples``: block_calls (default; STUN's Mixtral
+  code: every MoE block call is a sample for every expert) or routed_calls (only calls that routed
+  it a token; see stats.py). With ``nm`` the reference's N:M variant is used (layer l prunes
+  N - r_l of M). Layers with no targets are left out of the allocation.
 
 Differences from the reference code (locuslab/wanda, luuyin/OWL, thnkinbtfly/STUN), on purpose:
 * sparsity 0 prunes nothing (the threshold rules would still prune each matrix's minimum);
@@ -66,20 +67,25 @@ class NoPruner:
 
 
 class UnstructuredPruner:
-    score_name = "wanda"
-    allocation = "uniform"
-    update = "mask"
+    """score x allocation x update (see module docstring; field contract in ``configs.py``)."""
 
-    def __init__(self, name: str, sparsity: Optional[float] = 0.5, nm: Optional[str] = None,
+    def __init__(self, name: str, score: Optional[str] = "wanda", allocation: str = "uniform",
+                 update: str = "mask", sparsity: Optional[float] = 0.5, nm: Optional[str] = None,
                  scope: str = "all_decoder_linear", prune_router: bool = True,
                  prune_shared_experts: bool = True, prune_dense_mlp: bool = True,
-                 zero_token_experts: str = "leave_dense", owl_m: Optional[float] = None,
-                 owl_lambda: Optional[float] = None, owl_weighting: str = "uniform",
+                 zero_token_experts: str = "leave_dense", owl_m: float = 5.0, owl_lambda: float = 0.08,
+                 owl_weighting: str = "uniform", owl_expert_samples: str = "block_calls",
                  blocksize: int = 128, percdamp: float = 0.01, row_rounding: str = "floor",
-                 owl_expert_samples: str = "block_calls", **extra: Any) -> None:
+                 **extra: Any) -> None:
         if scope not in SCOPE_KINDS:
             raise ConfigError("unstructured_pruner.scope", scope, list(SCOPE_KINDS))
+        if update == "sparsegpt" and score is not None:
+            raise ConfigError("unstructured_pruner.score", score, "null with update=sparsegpt")
         self.name, self.sparsity, self.nm = name, sparsity, parse_nm(nm)
+        self.allocation, self.update = allocation, update
+        # SparseGPT selects by its own saliency; magnitude is only its rule for zero-token experts
+        self.score = score
+        self.score_name = score if score is not None else "magnitude"
         self.nm_str, self.scope, self.zero_token_experts = nm, scope, zero_token_experts
         self.flags = {"router": prune_router, "shared_expert": prune_shared_experts,
                       "dense_mlp": prune_dense_mlp}
@@ -120,6 +126,8 @@ class UnstructuredPruner:
     def _needs_data(self) -> bool:
         return self.spec.stat != "none" or self.update == "sparsegpt" or self.allocation == "owl"
 
+
+
     def _resolve_sparsity(self, sparsity: Optional[float]) -> float:
         s = self.sparsity if sparsity is None else float(sparsity)
         if self.nm is not None:
@@ -137,7 +145,9 @@ class UnstructuredPruner:
         return ctx.make_engine(desc=desc, select=self.is_targeted, gram=gram, final=final)
 
     def _layer_plan(self, ctx: Any, s: float, n_layers: int, report: dict) -> list[tuple]:
-        """Per layer: (sparsity, nm or None)."""
+        """Per layer: (sparsity, nm or None): the same everywhere, or OWL's allocation."""
+        if self.allocation == "owl":
+            return self._owl_plan(ctx, s, n_layers, report)
         return [(s, self.nm)] * n_layers
 
     # ---- one layer ----------------------------------------------------------------------------
@@ -193,18 +203,56 @@ class UnstructuredPruner:
             check_finite(new, f"{t.name} (SparseGPT update)")
             w.copy_(new.to(w.dtype))
             return
-        stat = None
-        if self.spec.stat == "sq":
-            stat = st.norm_sq()
-        elif self.spec.stat == "gsq":
-            stat = st.norm_gsq()
-        score = self.spec.fn(w, stat)
+        score = target_score(self.spec, t, st)
         check_finite(score, f"{t.name} (pruning scores)")
         apply_mask_(w, select_mask(score, s, self.spec.group, nm, self.row_rounding))
 
+    # ---- OWL ----------------------------------------------------------------------------------
+    def _owl_plan(self, ctx: Any, s: float, n_layers: int, report: dict) -> list[tuple]:
+        """Pass 1 (dense): each layer's outlier ratio; then OWL's layer sparsities (or N:M offsets)."""
+        ratios, sizes = [0.0] * n_layers, [0] * n_layers
+        outlier = self.spec if self.update == "mask" else get_score("wanda")
+
+        def measure(l: int, targets: list, stats: Optional[dict]) -> bool:
+            live = [t for t in targets if stats[t.name].ntokens > 0]
+            per = self.owl_expert_samples
+            ratios[l] = alloc.outlier_ratio(
+                lambda: (target_score(outlier, t, stats[t.name], per) for t in live), self.owl_m)
+            if not math.isfinite(ratios[l]):
+                raise DataError(f"non-finite OWL outlier ratio in layer {l} ({ratios[l]})")
+            sizes[l] = sum(t.weight.numel() for t in targets)
+            return False                       # dense pass: nothing changes, outputs reused
+
+        engine = self._engine(ctx, "owl:outliers")
+        engine.run(measure)
+        report["layer_forwards"] += engine.layer_forwards
+        report["layer_seconds"] = engine.layer_seconds
+        report["owl"] = {"m": self.owl_m, "lambda": self.owl_lambda, "weighting": self.owl_weighting,
+                         "outlier_score": outlier.name,
+                         "expert_samples": self.owl_expert_samples,
+                         "outlier_ratios": ratios, "layer_numel": sizes}
+        # layers with nothing to prune (e.g. a dense layer under scope=experts) take no part in
+        # the min-max normalisation or the mean
+        live = [l for l in range(n_layers) if sizes[l] > 0]
+        plan: list[tuple] = [(0.0, None)] * n_layers
+        d = [ratios[l] for l in live]
+        if self.nm is not None:
+            offsets = alloc.owl_nm_offsets(d, self.owl_lambda) if live else []
+            n, m = self.nm
+            for l, r in zip(live, offsets):
+                n_l = min(max(n - r, 0), m)
+                plan[l] = (n_l / m, (n_l, m) if n_l > 0 else None)
+            report["owl"]["nm_offsets"] = dict(zip(map(str, live), offsets))
+        elif live:
+            weights = [sizes[l] for l in live] if self.owl_weighting == "params" else None
+            for l, sp in zip(live, alloc.owl_sparsities(d, s, self.owl_lambda, weights)):
+                plan[l] = (sp, None)
+        report["owl"]["layer_sparsity"] = [p[0] for p in plan]
+        return plan
+
     # ---- report -------------------------------------------------------------------------------
     def _new_report(self, s: float) -> dict:
-        return {"method": self.name, "score": self.score_name, "allocation": self.allocation,
+        return {"method": self.name, "score": self.score, "allocation": self.allocation,
                 "update": self.update, "sparsity": s, "nm": self.nm_str, "scope": self.scope,
                 "kinds": sorted(self.kinds), "prune_router": self.flags["router"],
                 "prune_shared_experts": self.flags["shared_expert"],
@@ -228,70 +276,12 @@ def _fmt_nm(nm: Optional[tuple]) -> Optional[str]:
     return None if nm is None else f"{nm[0]}:{nm[1]}"
 
 
-class MagnitudePruner(UnstructuredPruner):
-    """|W| with the Wanda repo's per-matrix threshold; needs no calibration data."""
-    score_name = "magnitude"
-
-
-class WandaPruner(UnstructuredPruner):
-    score_name = "wanda"
-
-
-class MoEPruner(UnstructuredPruner):
-    """Wanda on gate-scaled routed inputs (MoE-Pruner's metric)."""
-    score_name = "moe_pruner"
-
-
-class SparseGPTPruner(UnstructuredPruner):
-    score_name = "magnitude"   # only used for zero-token experts under the magnitude policy
-    update = "sparsegpt"
-
-    @property
-    def _needs_data(self) -> bool:
-        return True
-
-
-class OWLPruner(UnstructuredPruner):
-    """Wanda scores with OWL's outlier-weighted layer sparsities (two passes)."""
-    score_name = "wanda"
-    allocation = "owl"
-
-    def _layer_plan(self, ctx: Any, s: float, n_layers: int, report: dict) -> list[tuple]:
-        ratios, sizes = [0.0] * n_layers, [0] * n_layers
-        wanda = get_score("wanda")
-
-        def measure(l: int, targets: list, stats: Optional[dict]) -> bool:
-            live = [t for t in targets if stats[t.name].ntokens > 0]
-            per = self.owl_expert_samples
-            ratios[l] = alloc.outlier_ratio(
-                lambda: (wanda.fn(t.weight, stats[t.name].norm_sq(per)) for t in live), self.owl_m)
-            if not math.isfinite(ratios[l]):
-                raise DataError(f"non-finite OWL outlier ratio in layer {l} ({ratios[l]})")
-            sizes[l] = sum(t.weight.numel() for t in targets)
-            return False                       # dense pass: nothing changes, outputs reused
-
-        engine = self._engine(ctx, "owl:outliers")
-        engine.run(measure)
-        report["layer_forwards"] += engine.layer_forwards
-        report["layer_seconds"] = engine.layer_seconds
-        report["owl"] = {"m": self.owl_m, "lambda": self.owl_lambda, "weighting": self.owl_weighting,
-                         "expert_samples": self.owl_expert_samples,
-                         "outlier_ratios": ratios, "layer_numel": sizes}
-        # layers with nothing to prune (e.g. a dense layer under scope=experts) take no part in
-        # the min-max normalisation or the mean
-        live = [l for l in range(n_layers) if sizes[l] > 0]
-        plan: list[tuple] = [(0.0, None)] * n_layers
-        d = [ratios[l] for l in live]
-        if self.nm is not None:
-            offsets = alloc.owl_nm_offsets(d, self.owl_lambda) if live else []
-            n, m = self.nm
-            for l, r in zip(live, offsets):
-                n_l = min(max(n - r, 0), m)
-                plan[l] = (n_l / m, (n_l, m) if n_l > 0 else None)
-            report["owl"]["nm_offsets"] = dict(zip(map(str, live), offsets))
-        elif live:
-            weights = [sizes[l] for l in live] if self.owl_weighting == "params" else None
-            for l, sp in zip(live, alloc.owl_sparsities(d, s, self.owl_lambda, weights)):
-                plan[l] = (sp, None)
-        report["owl"]["layer_sparsity"] = [p[0] for p in plan]
-        return plan
+def target_score(spec: Any, t: Any, st: Optional[TargetStats], per: str = "routed_calls") -> torch.Tensor:
+    """Score of target t under ``spec`` with the input statistic it asks for (``per``: what one sample
+    of an expert's running mean is; rankings within a row never see it, OWL's pooled ratio does)."""
+    stat = None
+    if spec.stat == "sq":
+        stat = st.norm_sq(per)
+    elif spec.stat == "gsq":
+        stat = st.norm_gsq(per)
+    return spec.fn(t.weight, stat)
