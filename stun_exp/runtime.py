@@ -23,9 +23,6 @@ from typing import Any, Optional, Protocol
 import torch
 from omegaconf import DictConfig
 
-NEEDS = ("weights", "calibration_stats", "whole_model")
-
-
 class Runtime(Protocol):
     name: str
     model: torch.nn.Module          # the model (streaming: its skeleton, layers on the meta device)

@@ -17,8 +17,7 @@ from stun_exp.errors import ConfigError
 from stun_exp.models.adapter import get_adapter
 from stun_exp.observe.expert_outputs import ExpertOutputObserver
 from stun_exp.pipeline import run_pipeline
-from stun_exp.pruning.expert import pruner_class
-from stun_exp.pruning.expert import reap_metrics as R
+from stun_exp.observe import reap_metrics as R
 from stun_exp.pruning.expert.calibrated import resolve_renormalize
 from stun_exp.pruning.expert.configs import ReapConfig, reap_n_clusters, reap_n_pruned
 from stun_exp.pruning.expert.reap import ReapPruner, reap_keep
@@ -276,8 +275,11 @@ def test_renormalize_follows_reaps_rule():
 
 
 def test_registered_and_interface():
+    from hydra.utils import get_class
+
+    from stun_exp.config.schema import schemas
     for name in ("reap", "hc_smoe", "m_smoe"):
-        cls = pruner_class(name)
+        cls = get_class(schemas()[("expert_pruner", name)]._target_)
         assert cls(name=name).needs == "calibration_stats"
         assert callable(cls.observer) and callable(cls.plan_from_stats)
 

@@ -124,17 +124,6 @@ def tensor_moments(t: torch.Tensor, nonzero_only: bool = False, chunk: int = CHU
     return acc
 
 
-def central_moments(tensors: Sequence[torch.Tensor], nonzero_only: bool = False,
-                    chunk: int = CHUNK) -> tuple[int, float, float]:
-    """(n, m2, m4) of all entries of ``tensors`` pooled together (m_k = M_k / n), in float64."""
-    acc = Moments()
-    for t in tensors:
-        acc = acc + tensor_moments(t, nonzero_only, chunk)
-    if acc.n == 0:
-        return 0, math.nan, math.nan
-    return acc.n, acc.m2 / acc.n, acc.m4 / acc.n
-
-
 def pooled_kurtosis(tensors: Sequence[torch.Tensor], excess: bool = False,
                     nonzero_only: bool = False, chunk: int = CHUNK) -> float:
     """Kurtosis of all entries of ``tensors`` taken as one sample (NaN when undefined)."""

@@ -68,14 +68,6 @@ class LayerStats:
         return torch.cat(self.logits_chunks) if self.logits_chunks else torch.zeros(0, self.num_experts)
 
     @property
-    def router_logits_sum(self) -> torch.Tensor:   # alias used in the task brief
-        return self.logits_sum
-
-    @property
-    def router_logits_sq(self) -> torch.Tensor:
-        return self.logits_sq
-
-    @property
     def frequency(self) -> torch.Tensor:
         """Fraction of tokens routed to each expert [E]."""
         return self.count.float() / max(self.tokens, 1)

@@ -144,11 +144,3 @@ def permute_weights(w: Mapping[str, torch.Tensor], perm: Sequence[int]) -> dict[
     return {"gate": w["gate"][p], "up": w["up"][p], "down": w["down"][:, p]}
 
 
-def check_permutation(perm: Sequence[int], size: int | None = None) -> None:
-    """ValueError unless ``perm`` is a permutation of range(len(perm)) (and of ``size`` if given)."""
-    n = len(perm)
-    if size is not None and n != size:
-        raise ValueError(f"permutation of length {n}, expected {size}")
-    if sorted(int(x) for x in perm) != list(range(n)):
-        raise ValueError("not a permutation of 0..n-1")
-
