@@ -53,7 +53,7 @@ def _check_all(cfg: DictConfig, info: Any) -> None:
     from stun_exp.config.sparsity import resolve
     request = resolve(cfg)
     if request.total is not None and cfg.expert_pruner.name != "none":
-        check_expert_share(cfg, info, request.total)
+        check_expert_share(cfg, info, request.total, request.total_source == "default")
 
 
 # ---- calibration data --------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def check_device(device: str) -> None:
 
 
 # ---- sizes: the expert phase's share of the total target ----------------------------------------
-def check_expert_share(cfg: DictConfig, info: Any, total: float) -> None:
+def check_expert_share(cfg: DictConfig, info: Any, total: float, is_default: bool = False) -> None:
     """Refuse a total target that the experts this pruner removes would already exceed."""
     from stun_exp.config.validate import as_schema
     node = as_schema(cfg.expert_pruner)
@@ -154,9 +154,11 @@ def check_expert_share(cfg: DictConfig, info: Any, total: float) -> None:
         return
     share = decoder_sizes_of(cfg).expert_share(removed)
     if share > total + 1e-9:
-        raise ConfigError("sparsity", total, f"at least {share:.4f}: expert_pruner={cfg.expert_pruner.name} "
+        what = " (the default total target)" if is_default else ""
+        raise ConfigError("sparsity", total, f"at least {share:.4f}{what}: expert_pruner={cfg.expert_pruner.name} "
                           f"removes {removed} experts, {share:.2%} of the original decoder Linear weights on "
-                          "its own (raise sparsity, prune fewer experts, or set sparsity=null)")
+                          "its own (set a higher sparsity, prune fewer experts, or give the unstructured pruner "
+                          "its own ratio: sparsity=null / unstructured_pruner.sparsity=...)")
 
 
 def decoder_sizes_of(cfg: DictConfig) -> Any:
