@@ -61,7 +61,7 @@ def build_layer(shape: dict, device: torch.device, dtype: torch.dtype) -> torch.
 @torch.no_grad()
 def reinit(model: torch.nn.Module) -> None:
     """Random weights (std 0.02, norms 1), drawn on the device."""
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.dim() == 1:
             p.fill_(1.0)
         else:
@@ -131,7 +131,7 @@ def main() -> None:
             x35 = secs * N_LAYERS
         else:
             pr = UnstructuredPruner(name=method, score="wanda", allocation="owl" if method == "owl" else "uniform")
-            secs, peak = timed(device, lambda: pr.prune(ctx, sparsity=0.5))
+            secs, peak = timed(device, lambda pr=pr: pr.prune(ctx, sparsity=0.5))
             x35 = secs * N_LAYERS * sample_scale
         rows.append({"method": method, "device": name, "scale": scale, "nsamples": shape["nsamples"],
                      "seqlen": shape["seqlen"], "layer_s": round(secs, 2), "peak_gpu_gib": round(peak, 1),

@@ -5,8 +5,9 @@ safetensors (one shard per layer, written layer by layer so that making them nee
 Each (mode, depth) runs in a fresh child process, which reports its own peak RSS
 (``getrusage(RUSAGE_SELF).ru_maxrss``) and wall time; the import baseline is measured the same way.
 
-* ``memory``:    load_pretrained -> STUN plan + surgery -> Wanda on the SequentialEngine -> save_pretrained
-* ``streaming``: stun_exp.streaming.prune_streaming (one decoder layer materialised at a time)
+* ``memory``:    the runner with ``runtime=default`` (whole model in memory), checkpoint saved
+* ``streaming``: the runner with ``runtime=streaming`` (one decoder layer materialised at a time)
+Both: STUN router distance (25% of experts) then Wanda at its own ratio 0.5, no evaluation.
 
 Target: streaming peak RSS grows <= 1.3x from 4 to 32 layers.
 
@@ -92,31 +93,15 @@ def child(mode: str, src: str, out: str, cap: int | None, evaluate: bool) -> dic
         _watchdog(cap)
     import torch
     torch.set_num_threads(1)
-    from stun_exp.pruning.expert.stun import StunPruner
-    from stun_exp.pruning.weights.pruners import UnstructuredPruner
     calib = torch.randint(0, WIDTH["vocab_size"], (NSAMPLES, SEQLEN), generator=torch.Generator().manual_seed(1))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
     res: dict = {}
-    if mode == "baseline":
-        pass
-    elif mode == "memory":
-        from stun_exp.context import RunContext
-        from stun_exp.models.adapter import get_adapter
-        from stun_exp.models.loading import load_pretrained, save_pretrained
-        from stun_exp.models.surgery import apply_plan
-        model, _ = load_pretrained(src)
-        ad = get_adapter(model)
-        ctx = RunContext(None, model, None, ad, calib, torch.device("cpu"))
-        apply_plan(ad, StunPruner(expert_sparsity=0.25).plan(ctx))
-        UnstructuredPruner(score="wanda", name="wanda", sparsity=0.5).prune(ctx)
-        save_pretrained(model, None, out)
-    else:
-        from stun_exp.streaming import prune_streaming
-        r = prune_streaming(src, out, StunPruner(expert_sparsity=0.25), UnstructuredPruner(score="wanda", name="wanda", sparsity=0.5),
-                            calib, "cpu")
-        res["peak_live_layers"] = r["streaming"]["peak_live_layers"]
+    if mode != "baseline":
+        r = run_runner(mode, src, out, calib)
         res["sparsity"] = round(r["sparsity"]["decoder_linear"], 4)
+        if mode == "streaming":
+            res["peak_live_layers"] = r["streaming"]["peak_live_layers"]
     res["prune_s"] = round(time.perf_counter() - t, 2)
     if evaluate:
         from stun_exp.streaming.evaluate import streaming_perplexity
@@ -130,6 +115,34 @@ def child(mode: str, src: str, out: str, cap: int | None, evaluate: bool) -> dic
         res["cap_mb"] = round(cap / 2**20)
         if peak > cap:
             res["error"] = "peak RSS above the cap"
+    return res
+
+
+def run_runner(mode: str, src: Path, out: Path, calib) -> dict:
+    """One run of the stun-exp runner on the checkpoint ``src``, its pruned checkpoint written to ``out``."""
+    import tempfile
+
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from stun_exp.config.schema import register_all
+    from stun_exp.pipeline import run_pipeline
+    from stun_exp.run import CONF_DIR
+    register_all()
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    torch.save(calib, work / "calib.pt")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "model=hf", f"model.name_or_path={src}", "calib=tokens", f"calib.path={work / 'calib.pt'}",
+            f"calib.nsamples={NSAMPLES}", f"calib.seqlen={SEQLEN}", "expert_pruner=stun",
+            "expert_pruner.expert_sparsity=0.25", "unstructured_pruner=wanda", "unstructured_pruner.sparsity=0.5",
+            "eval=none", "dense_baseline=false", "save_checkpoint=true", f"out_root={work}",
+            "runtime=" + ("streaming" if mode == "streaming" else "default"),
+            *([f"runtime.output_dir={out}"] if mode == "streaming" else [])])
+    (work / "run").mkdir()
+    res = run_pipeline(cfg, str(work / "run"))
+    if mode == "memory":
+        shutil.move(res["checkpoint"], out)
     return res
 
 

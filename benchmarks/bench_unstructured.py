@@ -33,8 +33,10 @@ from stun_exp.pruning.weights import pruners as P  # noqa: E402
 MODELS = {"small": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
           "wide": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8)}
 EXPERTS_ONLY = dict(scope="experts", prune_router=False, prune_shared_experts=False, prune_dense_mlp=False)
-METHODS = [("magnitude", partial(P.UnstructuredPruner, score="magnitude"), {}), ("wanda", partial(P.UnstructuredPruner, score="wanda"), {}),
-           ("owl", partial(P.UnstructuredPruner, score="wanda", allocation="owl"), dict(owl_m=5.0, owl_lambda=0.08)), ("sparsegpt", partial(P.UnstructuredPruner, score=None, update="sparsegpt"), {}),
+METHODS = [("magnitude", partial(P.UnstructuredPruner, score="magnitude"), {}),
+           ("wanda", partial(P.UnstructuredPruner, score="wanda"), {}),
+           ("owl", partial(P.UnstructuredPruner, score="wanda", allocation="owl"), dict(owl_m=5.0, owl_lambda=0.08)),
+           ("sparsegpt", partial(P.UnstructuredPruner, score=None, update="sparsegpt"), {}),
            ("moe_pruner", partial(P.UnstructuredPruner, score="moe_pruner"), EXPERTS_ONLY)]
 
 

@@ -61,7 +61,7 @@ def _naive_mixtral_stats(model, calib, l):
             model(input_ids=calib[j:j + 1])
     hook.remove()
     k, E = model.config.num_experts_per_tok, model.config.num_local_experts
-    gu, down = block.experts.gate_up_proj.data, block.experts.down_proj.data
+    gu = block.experts.gate_up_proj.data
     inter = gu.shape[1] // 2
     out = {e: {"count": 0, "calls": 0, "xsq": 0, "gxsq": 0, "hsq": 0, "ghsq": 0} for e in range(E)}
     for x in xs:

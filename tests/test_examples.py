@@ -165,7 +165,8 @@ def test_example_runs_what_it_says(where, argv, env, tmp_path, monkeypatch, caps
         for k, v in asked(job).items():
             if k in ("out_root",) or k.startswith("hydra"):
                 continue
-            assert holds(rec, k, v), f"{where}: `{k}={v}` not applied (recorded {OmegaConf.select(OmegaConf.create(rec['config']), k)})"
+            recorded = OmegaConf.select(OmegaConf.create(rec["config"]), k)
+            assert holds(rec, k, v), f"{where}: `{k}={v}` not applied (recorded {recorded})"
     if len(records) > 1:
         assert_runs_differ(where, jobs, records)
 

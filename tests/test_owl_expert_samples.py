@@ -61,7 +61,7 @@ def _reference_ratios(model, calib):
         mean = {n: torch.zeros(m.in_features) for n, m in lin.items()}
         calls = {n: 0 for n in lin}
 
-        def hook(name):
+        def hook(name, mean=mean, calls=calls):
             def f(mod, args, out):
                 nonlocal empty_calls
                 x = args[0].reshape(-1, args[0].shape[-1]).float()

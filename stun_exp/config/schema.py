@@ -73,8 +73,8 @@ def schemas() -> dict[tuple[str, str], type]:
 def check_range(key: str, value: Any, lo: float, hi: float, lo_open: bool = False,
                 hi_open: bool = True) -> None:
     """Raise ConfigError unless lo <= value < hi (bounds openness configurable). NaN never passes."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > lo if lo_open else value >= lo) and (
-        value < hi if hi_open else value <= hi)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
         raise ConfigError(key, value, f"a number in {lb}{lo}, {hi}{rb}")

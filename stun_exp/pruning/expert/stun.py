@@ -42,8 +42,8 @@ import torch
 
 from stun_exp.errors import ConfigError
 from stun_exp.pruning.expert import clustering as C
-from stun_exp.pruning.expert.common import (ConfiguredPruner, collect_stats, counters_delta, router_weights, routing_groups, stat,
-                                            timed)
+from stun_exp.pruning.expert.common import (ConfiguredPruner, collect_stats, counters_delta, router_weights,
+                                            routing_groups, stat, timed)
 from stun_exp.pruning.expert.configs import StunConfig
 from stun_exp.pruning.expert.counts import n_kept
 from stun_exp.models.plan import ExpertPlan, LayerPlan
