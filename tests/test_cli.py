@@ -45,8 +45,9 @@ def test_single_run_writes_a_complete_run_folder(tmp_path):
     assert model.config.num_experts_per_layer == [3, 3]
 
 
-def test_two_job_multirun_and_resume(tmp_path):
-    args = ["-m", *TINY, "eval=none", "expert_pruner=none", "unstructured_pruner=magnitude", "sparsity=null",
+@pytest.mark.parametrize("runtime", ["default", "streaming"])
+def test_two_job_multirun_and_resume(tmp_path, runtime):
+    args = ["-m", *TINY, f"runtime={runtime}", "eval=none", "expert_pruner=none", "unstructured_pruner=magnitude", "sparsity=null",
             "hydra.sweep.dir=" + str(tmp_path / "out" / "sweep"), "unstructured_pruner.sparsity=0.2,0.5"]
     r = stun_exp(args, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -16,13 +16,14 @@ from tests.tiny_models import ARCHS, VOCAB, save_tiny_checkpoint
 GROUPED = {"deepseek_v2", "deepseek_v3"}    # group routing: removal must keep groups equal in size
 
 
+@pytest.mark.parametrize("runtime", ["default", "streaming"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_frequency_pruning_runs_on_every_architecture(arch, tmp_path):
+def test_frequency_pruning_runs_on_every_architecture(arch, runtime, tmp_path):
     ckpt = save_tiny_checkpoint(arch, str(tmp_path / "ckpt"))
     torch.save(torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0)), tmp_path / "ids.pt")
     overrides = ["model=hf", f"model.name_or_path={ckpt}", f"model.trust_remote_code={arch == 'arctic'}",
                  "calib=tokens", f"calib.path={tmp_path / 'ids.pt'}", "calib.nsamples=4", "calib.seqlen=16",
-                 "eval=none", "expert_pruner=frequency", "expert_pruner.expert_sparsity=0.25",
+                 "eval=none", f"runtime={runtime}", "expert_pruner=frequency", "expert_pruner.expert_sparsity=0.25",
                  "unstructured_pruner=magnitude", "sparsity=0.3"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from stun_exp.pipeline import run_pipeline
@@ -18,9 +19,10 @@ def _run(tmp_path, name, overrides):
     return res, json.loads((d / "expert_plan.json").read_text())
 
 
-def test_same_config_twice_is_identical(tmp_path, monkeypatch):
+@pytest.mark.parametrize("runtime", ["default", "streaming"])
+def test_same_config_twice_is_identical(tmp_path, monkeypatch, runtime):
     monkeypatch.setenv("STUN_EXP_CACHE", str(tmp_path / "cache"))
-    overrides = ["model=toy_tiny", "calib.nsamples=4", "calib.seqlen=32", "eval=toy", "eval.limit=6",
+    overrides = [f"runtime={runtime}", "model=toy_tiny", "calib.nsamples=4", "calib.seqlen=32", "eval=toy", "eval.limit=6",
                  "dense_baseline=false", "expert_pruner=stun", "expert_pruner.distance=coactivation",
                  "expert_pruner.expert_sparsity=0.25", "unstructured_pruner=owl", "sparsity=0.5", "seed=3"]
     a, plan_a = _run(tmp_path, "a", overrides)

@@ -163,7 +163,7 @@ def test_unknown_key_format_fails_clearly(tmp_path):
     idx["weight_map"] = {k.replace("experts.gate_up_proj", "experts.w13"): v for k, v in idx["weight_map"].items()}
     (src / INDEX_NAME).write_text(json.dumps(idx))
     store = LayerStore(src)
-    with pytest.raises(CheckpointFormatError, match=r"missing \['mlp.experts.gate_up_proj'\].*legacy per-expert"):
+    with pytest.raises(CheckpointFormatError, match=r"missing \['mlp.experts.gate_up_proj'\].*legacy format"):
         store.materialise(0)
 
 

@@ -6,12 +6,14 @@ the decoder layers (embeddings, final norm, head) are "globals".
 
 Key formats: the module state-dict names of the model class are the *native* format (what
 ``save_pretrained(..., save_original_format=False)`` writes in transformers 5: fused
-``mlp.experts.gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``). transformers 5 writes Mixtral in
-the *legacy per-expert* format by default (``block_sparse_moe.experts.<e>.w1/w2/w3.weight``), and
-older Qwen-style checkpoints use ``mlp.experts.<e>.gate_proj/up_proj/down_proj.weight``. ``LEGACY``
-below (data, one entry per arch) converts those to native names exactly as transformers'
-``conversion_mapping`` does (stack per expert, gate rows before up rows). A layer whose converted
-keys still do not match the model raises ``CheckpointFormatError`` naming the keys.
+``mlp.experts.gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``). transformers 5 writes several
+architectures in their *legacy* format by default: Mixtral and PhiMoE per expert
+(``block_sparse_moe.experts.<e>.w1/w2/w3.weight``, PhiMoE's router as ``gate``), Qwen-style models per
+expert (``mlp.experts.<e>.gate_proj/up_proj/down_proj.weight``), GraniteMoE with other names for its
+fused tensors (``input_linear`` / ``output_linear`` / ``router.layer``). ``LEGACY`` below (data, one
+entry per arch) converts those to native names as transformers' ``conversion_mapping`` does (renames,
+then per-expert matrices stacked, gate rows before up rows). A layer whose converted keys still do not
+match the model raises ``CheckpointFormatError`` naming the keys.
 
 Writing: ``ShardedWriter`` writes one shard per call (a decoder layer, or the globals) and an index
 file ``model.safetensors.index.json`` whose weight map covers every key, as transformers expects.
@@ -38,14 +40,20 @@ class CheckpointFormatError(ValueError):
 
 @dataclass(frozen=True)
 class LegacyExperts:
-    """Per-expert (ModuleList-style) keys of a fused-layout architecture."""
-    names: tuple[str, str, str]              # gate, up, down file names under experts.<e>.
-    block_rename: Optional[tuple[str, str]] = None   # (checkpoint block attr, model block attr)
+    """A legacy key format of a fused-layout architecture: renames, then (optionally) per-expert keys."""
+    names: Optional[tuple[str, str, str]] = None     # gate, up, down names under experts.<e>. (per expert)
+    renames: tuple[tuple[str, str], ...] = ()        # (checkpoint fragment, native fragment), whole path parts
 
 
 _QWEN_STYLE = LegacyExperts(("gate_proj", "up_proj", "down_proj"))
 LEGACY: dict[str, LegacyExperts] = {
-    "mixtral": LegacyExperts(("w1", "w3", "w2"), ("block_sparse_moe", "mlp")),
+    "mixtral": LegacyExperts(("w1", "w3", "w2"), (("block_sparse_moe.", "mlp."),)),
+    "phimoe": LegacyExperts(("w1", "w3", "w2"),
+                            (("block_sparse_moe.", "mlp."), ("mlp.gate.weight", "mlp.router.weight"))),
+    "granitemoe": LegacyExperts(None, (
+        ("block_sparse_moe.input_linear.weight", "block_sparse_moe.experts.gate_up_proj"),
+        ("block_sparse_moe.output_linear.weight", "block_sparse_moe.experts.down_proj"),
+        ("block_sparse_moe.router.layer.weight", "block_sparse_moe.router.weight"))),
     "qwen2_moe": _QWEN_STYLE, "qwen3_moe": _QWEN_STYLE, "olmoe": _QWEN_STYLE,
     "deepseek_v2": _QWEN_STYLE, "deepseek_v3": _QWEN_STYLE,
 }
@@ -133,13 +141,21 @@ def _weight_map(path: Path) -> dict[str, str]:
 
 # ---- key formats ---------------------------------------------------------------------------------
 def detect_format(rel_keys: Iterable[str], arch: str, experts_attr: str = "experts") -> str:
-    """'legacy' if the layer stores routed experts per expert under a fused-layout model, else 'native'."""
+    """'legacy' if the layer's keys are in the architecture's legacy format (per-expert matrices, or a
+    renamed block), else 'native'."""
     rule = LEGACY.get(arch)
     if rule is None:
         return "native"
-    gate = rule.names[0]
-    pat = re.compile(rf"(^|\.){experts_attr}\.\d+\.{gate}\.weight$")
-    return "legacy" if any(pat.search(k) for k in rel_keys) else "native"
+    keys = list(rel_keys)
+    if rule.names is not None:
+        pat = re.compile(rf"(^|\.){experts_attr}\.\d+\.{rule.names[0]}\.weight$")
+        if any(pat.search(k) for k in keys):
+            return "legacy"
+    return "legacy" if any(_has_part(k, src) for k in keys for src, _ in rule.renames) else "native"
+
+
+def _has_part(key: str, fragment: str) -> bool:
+    return key.startswith(fragment) or f".{fragment}" in key
 
 
 def to_native(raw: dict[str, torch.Tensor], arch: str, experts_attr: str = "experts") -> dict[str, torch.Tensor]:
@@ -151,12 +167,14 @@ def to_native(raw: dict[str, torch.Tensor], arch: str, experts_attr: str = "expe
     per: dict[str, dict[int, dict[str, torch.Tensor]]] = {}   # block prefix -> expert -> mat
     pat = re.compile(rf"^(.*){experts_attr}\.(\d+)\.(\w+)\.weight$")
     for key, t in raw.items():
-        key = _rename(key, rule)
+        key = _rename(key, rule.renames)
         m = pat.match(key)
-        if m and m.group(3) in rule.names:
+        if m and rule.names is not None and m.group(3) in rule.names:
             per.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
         else:
             out[key] = t
+    if rule.names is None:
+        return out
     g, u, d = rule.names
     for prefix, experts in per.items():
         ids = sorted(experts)
@@ -169,19 +187,18 @@ def to_native(raw: dict[str, torch.Tensor], arch: str, experts_attr: str = "expe
 
 
 def native_key(rel: str, arch: str, fmt: str) -> str:
-    """The checkpoint's name for a native non-expert key (e.g. the router) under format `fmt`."""
+    """The checkpoint's name for a native key (the router, a fused expert tensor) under format `fmt`."""
     rule = LEGACY.get(arch)
-    if fmt == "native" or rule is None or rule.block_rename is None:
+    if fmt == "native" or rule is None:
         return rel
-    src, dst = rule.block_rename
-    return re.sub(rf"(^|\.){dst}\.", rf"\g<1>{src}.", rel, count=1)
+    return _rename(rel, tuple((dst, src) for src, dst in reversed(rule.renames)))
 
 
-def _rename(key: str, rule: LegacyExperts) -> str:
-    if rule.block_rename is None:
-        return key
-    src, dst = rule.block_rename
-    return re.sub(rf"(^|\.){src}\.", rf"\g<1>{dst}.", key, count=1)
+def _rename(key: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """Apply (from, to) renames of whole dotted path parts, in order."""
+    for src, dst in renames:
+        key = re.sub(rf"(^|\.){re.escape(src)}", rf"\g<1>{dst}", key, count=1)
+    return key
 
 
 def check_keys(l: int, got: Iterable[str], want: Iterable[str], arch: str, fmt: str) -> None:
@@ -189,8 +206,7 @@ def check_keys(l: int, got: Iterable[str], want: Iterable[str], arch: str, fmt: 
     if got_s == want_s:
         return
     missing, extra = sorted(want_s - got_s)[:6], sorted(got_s - want_s)[:6]
-    known = "native (transformers 5 fused)" + (f" and legacy per-expert {LEGACY[arch].names}"
-                                               if arch in LEGACY else "")
+    known = "native (transformers 5 fused)" + (" and its legacy format" if arch in LEGACY else "")
     raise CheckpointFormatError(
         f"decoder layer {l}: checkpoint keys (format {fmt!r}) do not match the {arch} model: missing "
         f"{missing}, unexpected {extra}. Streaming reads these key formats for {arch}: {known}")

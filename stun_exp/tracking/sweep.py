@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import traceback
 from pathlib import Path
 from typing import Any, Optional
@@ -52,6 +53,9 @@ def check_run_dir(cfg: DictConfig, run_dir: Path, chash: str) -> Optional[dict[s
             return _skipped(run_dir, done, read_json(done / "results.json"))
     for stale in ("error.json", "skipped.json"):
         (run_dir / stale).unlink(missing_ok=True)
+    for partial in run_dir.glob(".*.tmp-*"):          # half-written checkpoints of a killed attempt
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
     return None
 
 
