@@ -222,7 +222,8 @@ def run_stun(model_dir: Path, calib: Path, method: str, pattern: str, run_dir: P
     _, wall = sh(cmd, env={**env, "PYTHONPATH": str(ROOT)})
     r = json.loads((run_dir / "results.json").read_text())
     t = r["timings"]
-    return {"prune": t["unstructured_pruning"], "model": t["model"], "analysis": t["analyse"], "whole": wall,
+    analysis = sum(t.get(k, 0.0) for k in ("dense_analysis", "analyse_after_expert", "analyse"))
+    return {"prune": t["unstructured_pruning"], "model": t["model"], "analysis": analysis, "whole": wall,
             "peak_rss_mb": r["memory"]["peak_rss_mb"], "checkpoint": str(run_dir / "checkpoint")}
 
 
