@@ -203,13 +203,11 @@ def _run(cfg: DictConfig, run_dir: Optional[Path], chash: str, request: Any, tim
     seed_everything(int(cfg.seed))
     device = pick_device(cfg.device)
     rt = make_runtime(cfg, device)
-    if hasattr(rt, "bind"):
-        rt.bind(run_dir)
+    rt.bind(run_dir)
     try:
         return _stages(cfg, rt, device, run_dir, chash, request, timer, logger)
     except BaseException:
-        if hasattr(rt, "discard"):
-            rt.discard()
+        rt.discard()
         raise
 
 
@@ -246,8 +244,7 @@ def _stages(cfg: DictConfig, rt: Runtime, device: torch.device, run_dir: Optiona
     with timer.stage("distill"):
         distill = stage_distill(cfg, ctx)
     with timer.stage("write"):
-        if hasattr(rt, "write"):
-            rt.write(ctx)
+        rt.write(ctx)
     with timer.stage("analyse"):
         final = rt.weight_report(nonzero_only=pruner is not None, is_targeted=targeted)
         now, digest = final["census"], final["mask_digest"]
@@ -275,7 +272,7 @@ def _stages(cfg: DictConfig, rt: Runtime, device: torch.device, run_dir: Optiona
     results.update(metrics=metrics, checkpoint=str(ckpt) if ckpt else None, counters=ctx.counters.as_dict(),
                    timings=timer.times, memory=peak_memory(), environment=run_record.environment(),
                    run_dir=str(run_dir) if run_dir else None)
-    if hasattr(rt, "facts"):
+    if rt.facts() is not None:
         results["streaming"] = rt.facts()
     results["summary"] = summary_table(dense, metrics, sp)
     if run_dir:

@@ -30,12 +30,18 @@ class Runtime(Protocol):
     tokenizer: Any
     model_dir: Optional[Path]       # the toy's folder (task files, dense-eval cache), else None
 
+    def bind(self, run_dir: Optional[Path]) -> None: ...
+    def load_tokenizer(self) -> Any: ...
+    def load(self) -> None: ...
     def weight_report(self, nonzero_only: bool = False, is_targeted: Any = None, digest: bool = True) -> dict: ...
     def make_engine(self, ctx: Any, desc: str, select: Any, gram: bool = False, final: bool = False) -> Any: ...
     def plan_experts(self, pruner: Any, ctx: Any) -> Any: ...
     def apply_plan(self, plan: Any) -> None: ...
+    def write(self, ctx: Any) -> None: ...
     def finish(self, run_dir: Optional[Path], report: dict) -> Optional[Path]: ...
+    def discard(self) -> None: ...
     def evaluate(self, eval_cfg: Any, dense: bool) -> dict: ...
+    def facts(self) -> Optional[dict]: ...
 
 
 def torch_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
@@ -71,6 +77,9 @@ class InMemoryRuntime:
         self.adapter: Any = None
         self.tokenizer: Any = None
 
+    def bind(self, run_dir: Optional[Path]) -> None:
+        """Nothing to place: the model lives in memory."""
+
     def load_tokenizer(self) -> Any:
         from stun_exp.models.loading import load_tokenizer
         self.tokenizer = load_tokenizer(self.source, bool(self.cfg.model.get("trust_remote_code", False)))
@@ -105,6 +114,15 @@ class InMemoryRuntime:
         apply_plan(self.adapter, plan)
 
     # ---- output --------------------------------------------------------------------------------
+    def write(self, ctx: Any) -> None:
+        """Nothing to write: the pruned model is the in-memory one."""
+
+    def discard(self) -> None:
+        """Nothing half-written to remove (a checkpoint is saved atomically)."""
+
+    def facts(self) -> Optional[dict]:
+        return None
+
     def finish(self, run_dir: Optional[Path], report: dict) -> Optional[Path]:
         """Save the pruned model when asked (``save_checkpoint=true``)."""
         if not (self.cfg.save_checkpoint and run_dir):
