@@ -88,15 +88,23 @@ def _child(cfg: ToyModelCfg, log_dir: Path, nice: int) -> tuple[int, float, Path
 
 
 def cmd_build_family(a: argparse.Namespace) -> int:
-    from stun_exp.toy.build import config_key, is_cached, toy_root
+    from stun_exp.toy.build import config_key, ensure_pretrained, is_cached, toy_root
+    from stun_exp.toy.shipped import shipped_key
     base = default_cfg(**parse_overrides(a.overrides))
     cfgs = family_cfgs([int(x) for x in a.experts.split(",")], [int(x) for x in a.seeds.split(",")], a.total, base)
-    todo = [c for c in cfgs if not is_cached(c)]
-    print(f"[family] {len(cfgs)} toys, {len(cfgs) - len(todo)} already built; building {len(todo)} with "
-          f"{a.jobs} parallel job(s), 1 torch thread each, nice {a.nice}", flush=True)
+    shipped = [c for c in cfgs if not is_cached(c) and config_key(c) == shipped_key()]
+    todo = [c for c in cfgs if not is_cached(c) and c not in shipped]
+    print(f"[family] {len(cfgs)} toys: {len(cfgs) - len(todo) - len(shipped)} already built, {len(shipped)} "
+          f"shipped with the package; training {len(todo)} with {a.jobs} parallel job(s), 1 torch thread "
+          f"each, nice {a.nice}", flush=True)
     for c in cfgs:
-        print(f"[family]   {_label(c):22s} key {config_key(c)}  {'done' if c not in todo else 'to build'}")
-    if a.dry_run or not todo:
+        state = "to train" if c in todo else "shipped (copied)" if c in shipped else "done"
+        print(f"[family]   {_label(c):22s} key {config_key(c)}  {state}")
+    if a.dry_run:
+        return 0
+    for c in shipped:
+        ensure_pretrained(c)
+    if not todo:
         return 0
     log_dir = Path(a.log_dir) if a.log_dir else toy_root(cfgs[0]) / "family-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
