@@ -5,7 +5,8 @@ its tokenizer, ``tasks/`` (lm-eval task YAMLs + jsonl, see ``stun_exp.toy.tasks`
 ``toy_meta.json`` (config, key, timings, final loss, quick dense scores, the machine it was built
 on). The key hashes the config fields that change the weights plus ``RECIPE_VERSION`` (bump it
 when the corpus or the trainer changes). When the key is the one of the toy shipped with the
-package (``stun_exp.toy.shipped``), the cache entry is a copy of it instead of a training run. A build happens in a temporary sibling directory that is renamed into place only when
+package (``stun_exp.toy.shipped``), the cache entry is a copy of it instead of a training run.
+A build happens in a temporary sibling directory that is renamed into place only when
 complete, under an exclusive file lock, so a killed build leaves no half-built cache and two
 processes never train the same key at once (the second waits, then loads).
 """

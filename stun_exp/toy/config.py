@@ -50,7 +50,7 @@ class ToyModelCfg(Validatable):
     eval_after_build: bool = True  # store quick dense scores in toy_meta.json (~10 s)
     # torch intra-op threads of the process once the toy is loaded (ensure_toy sets them; null =
     # leave torch's setting). The toy's matrices are too small to gain from a second thread, and on
-    # a busy machine two threads made lm-eval generation ~5x slower than one.
+    # a busy 2-core machine two threads made the toy's lm-eval suite ~25x slower than one.
     threads: Optional[int] = 1
     cache_dir: str = "${oc.env:STUN_EXP_CACHE,'~/.cache/stun_exp'}"
 
