@@ -1,5 +1,7 @@
 """The toy MoE: corpus determinism and held-out split, tokenizer round trip, config validation,
-cached atomic builds (toy_tiny, 20 steps), lm-eval task loading. The full-size build is slow."""
+cached atomic builds (toy_tiny, 20 steps), lm-eval task loading, the shipped default toy (its
+record, its key = the default config's, installing it without training), the family builder.
+The full-size build is slow."""
 from __future__ import annotations
 
 import json
@@ -181,12 +183,11 @@ def test_quick_eval_runs_on_tiny(tiny_dir):
     assert 0 <= res["toy_facts_acc"] <= 1 and res["heldout_ppl"] > 1
 
 
-@pytest.mark.slow
-def test_full_toy_reaches_targets():
-    """Trains (or loads from ~/.cache/stun_exp) the real toy; ~10+ min on 2 CPU cores."""
-    from stun_exp.toy.build import ensure_toy, read_meta
-    cfg = as_toy_cfg({})
-    scores = read_meta(ensure_toy(cfg))["dense_scores_quick"]
+def test_shipped_toy_reaches_targets():
+    """The shipped toy's recorded dense scores (full item sets, quick in-process check): arithmetic
+    >= 50% exact match, each 4-way multiple-choice task >= chance + 30 points."""
+    from stun_exp.toy.shipped import shipped_meta
+    scores = shipped_meta()["dense_scores_quick"]
     assert scores["toy_arith_em"] >= 0.5
     assert scores["toy_facts_acc"] >= 0.55 and scores["toy_compare_acc"] >= 0.55
 
@@ -204,3 +205,138 @@ def test_concurrent_builds_train_once(tmp_path):
         t.join()
     assert len(out) == 2 and out[0] == out[1]
     assert build.BUILD_COUNT["pretrain"] == before + 1  # the second waited on the lock, then loaded
+
+
+# ---- the shipped default toy ------------------------------------------------------------------
+def _composed_model_cfg(*overrides: str) -> ToyModelCfg:
+    from hydra import compose, initialize_config_dir
+
+    from stun_exp.run import CONF_DIR
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return as_toy_cfg(cfg.model)
+
+
+def test_shipped_toy_matches_its_record():
+    """Weights = recorded SHA-256, record = this recipe and config, checkpoint = that config."""
+    from stun_exp.toy import shipped
+    from stun_exp.toy.build import RECIPE_VERSION, config_key
+    meta = shipped.shipped_meta()
+    assert meta is not None, "no shipped toy: run `python -m stun_exp.toy rebuild`"
+    weights = shipped.SHIPPED_DIR / shipped.WEIGHTS
+    assert shipped.sha256(weights) == meta["weights_sha256"]
+    assert weights.stat().st_size == meta["weights_bytes"] <= shipped.MAX_BYTES
+    assert meta["recipe_version"] == RECIPE_VERSION
+    cfg = ToyModelCfg(**meta["config"])
+    assert config_key(cfg) == meta["key"]
+    hf = json.loads((shipped.SHIPPED_DIR / "config.json").read_text())
+    assert (hf["num_local_experts"], hf["intermediate_size"], hf["hidden_size"], hf["num_hidden_layers"],
+            hf["vocab_size"], hf["num_experts_per_tok"]) == (cfg.num_experts, cfg.intermediate_size,
+                                                             cfg.hidden_size, cfg.num_layers, cfg.vocab_size, cfg.top_k)
+    tr = meta["training"]
+    assert tr["steps"] == cfg.train_steps and {"host_cpu", "threads", "torch", "experts_implementation"} <= set(tr)
+
+
+def test_default_config_is_the_shipped_toy():
+    """conf/model/toy.yaml, the schema defaults and the shipped weights agree: a change of recipe
+    or default config without `python -m stun_exp.toy rebuild` fails here."""
+    from stun_exp.toy.build import config_key
+    from stun_exp.toy.shipped import shipped_key
+    assert config_key(_composed_model_cfg()) == config_key(ToyModelCfg()) == shipped_key()
+    from dataclasses import replace
+    composed = _composed_model_cfg()
+    assert composed == replace(ToyModelCfg(), cache_dir=composed.cache_dir)   # every field, not just the key
+
+
+def test_default_toy_installs_from_the_package_without_training(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from stun_exp.toy import build, shipped
+    before = dict(build.BUILD_COUNT)
+    listing = sorted((p.name, p.stat().st_mtime_ns) for p in shipped.SHIPPED_DIR.iterdir())
+    d = build.ensure_toy({"cache_dir": str(tmp_path)})
+    assert build.BUILD_COUNT["pretrain"] == before["pretrain"]
+    assert build.BUILD_COUNT["installed"] == before["installed"] + 1
+    assert d.parent == tmp_path / "toy" and (d / "tasks" / "toy_arith.yaml").is_file()
+    a, b = load_file(d / "model.safetensors"), load_file(shipped.SHIPPED_DIR / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert build.read_meta(d)["source"].startswith("shipped")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in shipped.SHIPPED_DIR.iterdir()) == listing
+
+
+def test_other_seed_is_not_the_shipped_toy():
+    from stun_exp.toy.build import config_key
+    from stun_exp.toy.shipped import shipped_key
+    assert config_key(ToyModelCfg(seed=1)) != shipped_key()
+    assert config_key(ToyModelCfg(threads=None, eval_after_build=False)) == shipped_key()  # not weight fields
+
+
+def test_publish_then_install_round_trip(tiny_dir, tmp_path, monkeypatch):
+    """The mechanism on the tiny toy: publish it as 'shipped', then a fresh cache installs it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from stun_exp.toy import build, shipped
+    pkg = tmp_path / "pkg"
+    meta = shipped.publish(tiny_dir, pkg)
+    assert meta["weights_sha256"] == shipped.sha256(pkg / "model.safetensors")
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", pkg)
+    before = dict(build.BUILD_COUNT)
+    d = build.ensure_toy({**TINY, "cache_dir": str(tmp_path / "cache")})
+    assert build.BUILD_COUNT["pretrain"] == before["pretrain"] and build.BUILD_COUNT["installed"] == before["installed"] + 1
+    a, b = load_file(d / "model.safetensors"), load_file(tiny_dir / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (d / "tasks" / "toy_facts.jsonl").read_text() == (tiny_dir / "tasks" / "toy_facts.jsonl").read_text()
+    (pkg / "model.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(RuntimeError, match="corrupt"):
+        build.ensure_toy({**TINY, "cache_dir": str(tmp_path / "cache2")})
+
+
+def test_training_announces_the_expected_time(tmp_path, capfd):
+    from stun_exp.toy.build import ensure_toy
+    ensure_toy({**TINY, "train_steps": 3, "cache_dir": str(tmp_path)})
+    err = capfd.readouterr().err
+    assert re.search(r"training the toy \w+ \(3 steps\): expected ~[\d.]+ min .* s/step measured", err)
+
+
+def test_threads_field_is_applied_and_validated(tiny_cache):
+    import torch
+
+    from stun_exp.toy.build import ensure_toy
+    before = torch.get_num_threads()
+    try:
+        ensure_toy({**TINY, "cache_dir": tiny_cache, "threads": 1})
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="model.threads"):
+        ToyModelCfg(threads=0).validate()
+
+
+# ---- toy families (claim 5) ------------------------------------------------------------------
+def test_family_has_equal_total_expert_size_and_the_sweeps_keys():
+    from stun_exp.toy.build import config_key
+    from stun_exp.toy.cli import family_cfgs
+    fam = family_cfgs([8, 16, 32, 64], [0, 1, 2], 2048)
+    assert len(fam) == 12 and {c.num_experts * c.intermediate_size for c in fam} == {2048}
+    assert [c.seed for c in fam[:4]] == [0] * 4 and [c.num_experts for c in fam[:4]] == [8, 16, 32, 64]
+    assert all(c.top_k == 2 and c.train_steps == ToyModelCfg().train_steps for c in fam)
+    swept = _composed_model_cfg("model.num_experts=16", "model.intermediate_size=128", "model.seed=1")
+    assert config_key(fam[5]) == config_key(swept)       # what the study's runs will load
+    assert config_key(fam[0]) == config_key(ToyModelCfg())
+
+
+def test_build_family_builds_in_parallel_then_resumes(tmp_path):
+    from stun_exp.toy.build import is_cached
+    from stun_exp.toy.cli import default_cfg, family_cfgs, main
+    ov = [f"{k}={v}" for k, v in {**TINY, "train_steps": 3, "cache_dir": str(tmp_path)}.items()]
+    argv = ["build-family", "--experts", "2,4", "--seeds", "0", "--total", "64", "--jobs", "2", "--nice", "0", *ov]
+    assert main(argv) == 0
+    fam = family_cfgs([2, 4], [0], 64, default_cfg(**{**TINY, "train_steps": 3, "cache_dir": str(tmp_path)}))
+    assert all(is_cached(c) for c in fam)
+    logs = sorted(p.name for p in (tmp_path / "toy" / "family-logs").iterdir())
+    assert logs == ["toy-2x32-seed0.log", "toy-4x16-seed0.log"]
+    mtimes = [p.stat().st_mtime_ns for p in (tmp_path / "toy" / "family-logs").iterdir()]
+    assert main(argv) == 0                                # everything built: nothing runs again
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "toy" / "family-logs").iterdir()] == mtimes

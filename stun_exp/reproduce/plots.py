@@ -1,7 +1,9 @@
 """Line plots from a built table: one series per method, ours solid, the paper's dashed.
 
 Used for accuracy vs sparsity, the structured-share interpolation curve (the paper's Figure 1) and
-the STUN-vs-unstructured gap vs number of experts. PNGs are written without a timestamp or
+the STUN-vs-unstructured gap vs number of experts. Optional plot keys: ``only`` (draw just these
+series, e.g. the gap rows), ``errorbar`` (a column suffix such as ``ci95``: draw ``<y> ci95`` as
+error bars), ``hline`` (a reference line, e.g. 0 for "no gap") and ``xscale: log2``. PNGs are written without a timestamp or
 software tag, so rebuilding from the same runs gives the same bytes on the same matplotlib.
 """
 from __future__ import annotations
@@ -74,8 +76,12 @@ def plot(exp: Experiment, df: pd.DataFrame, spec: dict[str, Any], mode: str, pat
     x, y, series = spec["x"], spec["y"], spec.get("series")
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     base = spec.get("baseline")
+    only = spec.get("only")
+    if only is not None and series:
+        df = df[df[series].astype(str).isin([str(o) for o in only])]
     ours = _series(df, x, y, series, base)
     paper = _series(df, x, f"{y} (paper)", series, base)
+    err = _series(df, x, f"{y} {spec['errorbar']}", series, base) if spec.get("errorbar") else {}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     # Toy numbers live on another scale than the real model's: the paper's go on a right-hand axis
     # so that both trends stay readable.
@@ -83,7 +89,10 @@ def plot(exp: Experiment, df: pd.DataFrame, spec: dict[str, Any], mode: str, pat
     ptag = "paper, right axis" if pax is not ax else "paper"
     for i, name in enumerate(dict.fromkeys([*ours, *paper])):
         col = colors[i % len(colors)]
-        if name in ours:
+        if name in ours and name in err and list(err[name][0]) == list(ours[name][0]):
+            ax.errorbar(*ours[name], yerr=err[name][1], marker="o", color=col, capsize=4,
+                        label=f"{name} (ours, ±{spec['errorbar']})")
+        elif name in ours:
             ax.plot(*ours[name], marker="o", color=col, label=f"{name} (ours)")
         if name in paper:
             pax.plot(*paper[name], marker="s", linestyle="--", color=col, alpha=0.7, label=f"{name} ({ptag})")
@@ -92,6 +101,11 @@ def plot(exp: Experiment, df: pd.DataFrame, spec: dict[str, Any], mode: str, pat
     pos = x_positions(df, x)
     if any(float(k) != v if _isnum(k) else True for k, v in pos.items()):
         ax.set_xticks(list(pos.values()), [str(k) for k in pos], fontsize=8)
+    if spec.get("xscale") == "log2":
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(pos.values()), [f"{v:g}" for v in pos.values()], fontsize=8)
+    if spec.get("hline") is not None:
+        ax.axhline(float(spec["hline"]), color="grey", linewidth=0.8)
     ax.set_xlabel(spec.get("xlabel", x))
     ax.set_ylabel(spec.get("ylabel", y))
     ax.set_title(f"{spec.get('title', exp.title)} [{mode}]", fontsize=10)

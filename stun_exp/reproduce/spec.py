@@ -14,6 +14,10 @@ Shape (every key is checked on load, errors name the file and the key)::
          scale: 100}                      # or {name: avg, mean_of: [...]} / sum_of / diff_of: [a, b]
     gap: {key: method, minuend: STUN+OWL, subtrahend: OWL}      # optional extra rows "A - B"
     std: true                            # optional: "<col> sd" columns, sample std over the runs of a row
+    unit: config.model.seed              # optional: the independent unit (e.g. the training seed): runs
+                                          # are averaged within a unit first; then mean, "<col> ci95"
+                                          # (95% t-interval half-width over units) and a "units" count;
+                                          # `gap` rows are paired per unit (A - B on the same unit)
     plots: [{file: acc_vs_sparsity, x: sparsity, y: GSM8K, series: method, baseline: unpruned}]
                                           # baseline: that method's points start every other curve;
                                           # optional where: {key: value} plots only those rows
@@ -37,7 +41,7 @@ from stun_exp.errors import ConfigError
 
 MODES = ("real", "toy")
 TOP_KEYS = {"name", "title", "description", "index", "keys", "methods", "columns", "gap", "plots", "paper",
-            "modes", "float_format", "std"}
+            "modes", "float_format", "std", "unit"}
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Experiment:
     gap: Optional[dict[str, Any]] = None
     float_format: str = "{:.2f}"
     std: bool = False          # also show "<col> sd": the sample std over the runs (seeds) of a row
+    unit: Optional[str] = None  # record path of the independent unit (training seed): see the module doc
     path: Optional[str] = None
 
     def column_names(self) -> list[str]:
@@ -101,7 +106,7 @@ def parse_experiment(d: dict[str, Any], where: str = "<dict>") -> Experiment:
                      keys=dict(d.get("keys", {})), methods=list(d["methods"]), columns=list(d["columns"]),
                      modes=modes, paper=dict(d.get("paper", {})), plots=list(d.get("plots", [])),
                      gap=d.get("gap"), float_format=d.get("float_format", "{:.2f}"),
-                     std=bool(d.get("std", False)), path=where)
+                     std=bool(d.get("std", False)), unit=d.get("unit"), path=where)
     _check(exp, where)
     return exp
 
@@ -125,6 +130,8 @@ def _check(exp: Experiment, where: str) -> None:
         for k in row:
             if k not in names and k not in exp.index:
                 raise ConfigError(f"{where}: paper.rows", k, [*exp.index, *names])
+    if exp.unit is not None and not isinstance(exp.unit, str):
+        raise ConfigError(f"{where}: unit", exp.unit, "a run-record path such as config.model.seed")
     for p in exp.plots:
         if p.get("y") not in names:
             raise ConfigError(f"{where}: plots.y", p.get("y"), names)

@@ -16,6 +16,9 @@ from stun_exp.reproduce.collect import matches
 from stun_exp.reproduce.spec import Experiment
 
 RUNS_COL = "runs"
+UNITS_COL = "units"      # independent units (training seeds) behind a row, with `unit:` set
+UNIT = "__unit"          # a run row's unit value
+PER_UNIT = "__per_unit"  # an aggregated row's per-unit means (for the paired gap)
 DERIVED = ("mean_of", "sum_of", "diff_of")
 
 
@@ -71,6 +74,8 @@ def run_rows(exp: Experiment, runs: pd.DataFrame, mode: str,
             v = _num(rec.get(path)) if path else None
             row[c["name"]] = None if v is None else v * float(c.get("scale", 1))
         _derived(exp, row, mode)
+        if exp.unit:
+            row[UNIT] = _key(rec.get(exp.unit))
         out.append(row)
     return out
 
@@ -118,24 +123,68 @@ def sd_name(col: str) -> str:
     return f"{col} sd"
 
 
+def ci_name(col: str) -> str:
+    """Column holding the half-width of the 95% t-interval of ``col``'s mean over the units of a row."""
+    return f"{col} ci95"
+
+
+def ci95(xs: list[float]) -> Optional[float]:
+    """Half-width of the two-sided 95% Student-t interval of the mean of ``xs`` (None below 2)."""
+    if len(xs) < 2:
+        return None
+    from scipy.stats import t
+    return float(t.ppf(0.975, len(xs) - 1)) * statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+def _spread(vals: dict[str, Any], c: str, xs: list[float], with_ci: bool) -> None:
+    vals[c] = sum(xs) / len(xs) if xs else None
+    vals[sd_name(c)] = statistics.stdev(xs) if len(xs) > 1 else None
+    if with_ci:
+        vals[ci_name(c)] = ci95(xs)
+
+
 def aggregate(exp: Experiment, rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """Mean and sample std over runs sharing the same row keys (seeds); records how many runs each row has."""
+    """Mean and sample std over runs sharing the same row keys (seeds); records how many runs each row has.
+
+    With ``exp.unit``: runs are first averaged within each unit (say the calibration seeds of one
+    trained toy), and the mean, std and 95% CI are taken over the unit means."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in exp.index), []).append(r)
     agg = {}
     for key, rs in groups.items():
         vals: dict[str, Any] = {RUNS_COL: len(rs)}
+        if exp.unit:
+            per_unit = _unit_means(exp, rs)
+            vals[PER_UNIT], vals[UNITS_COL] = per_unit, len(per_unit)
         for c in exp.column_names():
-            xs = [r[c] for r in rs if r[c] is not None]
-            vals[c] = sum(xs) / len(xs) if xs else None
-            vals[sd_name(c)] = statistics.stdev(xs) if len(xs) > 1 else None
+            if exp.unit:
+                xs = [m[c] for m in vals[PER_UNIT].values() if m[c] is not None]
+            else:
+                xs = [r[c] for r in rs if r[c] is not None]
+            _spread(vals, c, xs, bool(exp.unit))
         agg[key] = vals
     return agg
 
 
+def _unit_means(exp: Experiment, rs: list[dict[str, Any]]) -> dict[Any, dict[str, Optional[float]]]:
+    by_unit: dict[Any, list[dict[str, Any]]] = {}
+    for r in rs:
+        by_unit.setdefault(r.get(UNIT), []).append(r)
+    out = {}
+    for u, us in by_unit.items():
+        out[u] = {}
+        for c in exp.column_names():
+            xs = [r[c] for r in us if r[c] is not None]
+            out[u][c] = sum(xs) / len(xs) if xs else None
+    return out
+
+
 def add_gap(exp: Experiment, table: dict[tuple, dict[str, Any]]) -> None:
-    """Extra rows ``A - B`` for the `gap` setting (e.g. STUN+Wanda minus Wanda per expert count)."""
+    """Extra rows ``A - B`` for the `gap` setting (e.g. STUN+Wanda minus Wanda per expert count).
+
+    With ``exp.unit`` the gap is paired: A - B within each unit both rows have, then mean, std and
+    95% CI over those units."""
     g = exp.gap
     if not g:
         return
@@ -145,11 +194,21 @@ def add_gap(exp: Experiment, table: dict[tuple, dict[str, Any]]) -> None:
         if key[pos] != g["minuend"]:
             continue
         bkey = key[:pos] + (g["subtrahend"],) + key[pos + 1:]
-        if bkey in table:
-            b = table[bkey]
+        if bkey not in table:
+            continue
+        b = table[bkey]
+        if exp.unit:
+            shared = [u for u in a[PER_UNIT] if u in b[PER_UNIT]]
+            diff: dict[str, Any] = {RUNS_COL: None, UNITS_COL: len(shared)}
+            for c in exp.column_names():
+                xs = [a[PER_UNIT][u][c] - b[PER_UNIT][u][c] for u in shared
+                      if a[PER_UNIT][u][c] is not None and b[PER_UNIT][u][c] is not None]
+                _spread(diff, c, xs, True)
+        else:
             diff = {c: (a[c] - b[c]) if a[c] is not None and b[c] is not None else None
                     for c in exp.column_names()}
-            table[key[:pos] + (label,) + key[pos + 1:]] = {**diff, RUNS_COL: None}
+            diff[RUNS_COL] = None
+        table[key[:pos] + (label,) + key[pos + 1:]] = diff
 
 
 def paper_table(exp: Experiment) -> dict[tuple, dict[str, Any]]:
@@ -181,6 +240,7 @@ def build_table(exp: Experiment, runs: pd.DataFrame, mode: str,
     shown = measured_columns(exp, mode)
     with_paper = [c for c in shown if any(p[c] is not None for p in paper.values())]
     with_sd = [c for c in shown if exp.std and any(o.get(sd_name(c)) is not None for o in ours.values())]
+    with_ci = [c for c in shown if exp.unit and any(o.get(ci_name(c)) is not None for o in ours.values())]
     rows = []
     for key in sorted(set(ours) | set(paper), key=lambda k: _sort_key(exp, k)):
         o, p = ours.get(key, {}), paper.get(key, {})
@@ -189,16 +249,21 @@ def build_table(exp: Experiment, runs: pd.DataFrame, mode: str,
             row[c] = o.get(c)
             if c in with_sd:
                 row[sd_name(c)] = o.get(sd_name(c))
+            if c in with_ci:
+                row[ci_name(c)] = o.get(ci_name(c))
             if c in with_paper:
                 row[f"{c} (paper)"] = p.get(c)
                 row[f"Δ {c}"] = o[c] - p[c] if o.get(c) is not None and p.get(c) is not None else None
+        if exp.unit:
+            row[UNITS_COL] = o.get(UNITS_COL) or 0
         row[RUNS_COL] = o.get(RUNS_COL) or 0
         if not o and all(p.get(c) is None for c in with_paper):
             continue    # a paper row with nothing in the columns this mode shows (MMLU-only in toy)
         rows.append(row)
     cols = list(exp.index) + [x for c in shown for x in
-                              [c] + ([sd_name(c)] if c in with_sd else [])
-                              + ([f"{c} (paper)", f"Δ {c}"] if c in with_paper else [])] + [RUNS_COL]
+                              [c] + ([sd_name(c)] if c in with_sd else []) + ([ci_name(c)] if c in with_ci else [])
+                              + ([f"{c} (paper)", f"Δ {c}"] if c in with_paper else [])]
+    cols += ([UNITS_COL] if exp.unit else []) + [RUNS_COL]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -206,7 +271,7 @@ def build_table(exp: Experiment, runs: pd.DataFrame, mode: str,
 def fmt_cell(v: Any, col: str, exp: Experiment) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    if col == RUNS_COL:
+    if col in (RUNS_COL, UNITS_COL):
         return str(int(v))
     if col in exp.index:
         f = _num(v)

@@ -2,9 +2,11 @@
 
 Layout of ``<cache_dir>/toy/<key>/``: the ``MixtralForCausalLM`` checkpoint (``save_pretrained``),
 its tokenizer, ``tasks/`` (lm-eval task YAMLs + jsonl, see ``stun_exp.toy.tasks``) and
-``toy_meta.json`` (config, key, timings, final loss, quick dense scores). The key hashes the config
-fields that change the weights plus ``RECIPE_VERSION`` (bump it when the corpus or the trainer
-changes). A build happens in a temporary sibling directory that is renamed into place only when
+``toy_meta.json`` (config, key, timings, final loss, quick dense scores, the machine it was built
+on). The key hashes the config fields that change the weights plus ``RECIPE_VERSION`` (bump it
+when the corpus or the trainer changes). When the key is the one of the toy shipped with the
+package (``stun_exp.toy.shipped``), the cache entry is a copy of it instead of a training run.
+A build happens in a temporary sibling directory that is renamed into place only when
 complete, under an exclusive file lock, so a killed build leaves no half-built cache and two
 processes never train the same key at once (the second waits, then loads).
 """
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ from stun_exp.toy.config import ToyModelCfg, as_toy_cfg, resolve_cache_dir, weig
 
 RECIPE_VERSION = 2
 META = "toy_meta.json"
-BUILD_COUNT = {"pretrain": 0, "finetune": 0}  # trainings run in this process (tests read it)
+BUILD_COUNT = {"pretrain": 0, "finetune": 0, "installed": 0}  # per process (tests read it)
 
 
 def config_key(cfg: ToyModelCfg, finetune: bool = False) -> str:
@@ -94,8 +97,18 @@ def _save(model, tok, out: Path, cfg: ToyModelCfg, key: str, stats: dict, extra:
     (out / META).write_text(json.dumps(meta, indent=2))
 
 
+def _announce(cfg: ToyModelCfg, key: str, steps: int, what: str) -> None:
+    """Say up front that a training run starts and how long it should take on this machine."""
+    from stun_exp.toy.train import measure_step_seconds
+    per_step, threads = measure_step_seconds(cfg)
+    print(f"[stun_exp.toy] training the {what} {key} ({steps} steps): expected ~{steps * per_step / 60:.1f} min "
+          f"on this machine ({per_step:.2f} s/step measured just now, {threads} torch thread(s)) plus corpus "
+          f"preparation; then cached under {toy_root(cfg)}", file=sys.stderr, flush=True)
+
+
 def _build_pretrained(cfg: ToyModelCfg, key: str, out: Path) -> None:
     from stun_exp.toy.train import pretrain
+    _announce(cfg, key, cfg.train_steps, "toy")
     t0 = time.time()
     model, tok, stats = pretrain(cfg)
     BUILD_COUNT["pretrain"] += 1
@@ -108,6 +121,7 @@ def _build_finetuned(cfg: ToyModelCfg, key: str, pre: Path, out: Path) -> None:
     from stun_exp.toy.train import finetune
     model = MixtralForCausalLM.from_pretrained(pre)
     tok = AutoTokenizer.from_pretrained(pre)
+    _announce(cfg, key, cfg.finetune_steps, "fine-tuned toy")
     stats = finetune(model, tok, cfg)
     BUILD_COUNT["finetune"] += 1
     _save(model, tok, out, cfg, key, stats, {"finetune_domain": cfg.finetune_domain,
@@ -115,11 +129,30 @@ def _build_finetuned(cfg: ToyModelCfg, key: str, pre: Path, out: Path) -> None:
                                             "pretrained_path": str(pre)})
 
 
-def ensure_pretrained(cfg: Any) -> Path:
-    """Directory of the pretrained toy for ``cfg`` (built on first use; fine-tune fields ignored)."""
+def _install_shipped(cfg: ToyModelCfg, out: Path) -> None:
+    from stun_exp.toy.shipped import install
+    install(out, cfg.seed)
+    BUILD_COUNT["installed"] += 1
+
+
+def ensure_pretrained(cfg: Any, use_shipped: bool = True) -> Path:
+    """Directory of the pretrained toy for ``cfg`` (fine-tune fields ignored): the cached one, else
+    the shipped one copied into the cache when the key matches (unless ``use_shipped=False``),
+    else trained now."""
     cfg = as_toy_cfg(cfg)
     key = config_key(cfg)
-    return _build_atomically(toy_root(cfg) / key, lambda d: _build_pretrained(cfg, key, d))
+    from stun_exp.toy.shipped import shipped_key
+    if use_shipped and key == shipped_key():
+        builder = lambda d: _install_shipped(cfg, d)  # noqa: E731
+    else:
+        builder = lambda d: _build_pretrained(cfg, key, d)  # noqa: E731
+    return _build_atomically(toy_root(cfg) / key, builder)
+
+
+def is_cached(cfg: Any) -> bool:
+    """True when the pretrained toy for ``cfg`` is complete in its cache (nothing to do)."""
+    cfg = as_toy_cfg(cfg)
+    return _is_complete(toy_root(cfg) / config_key(cfg))
 
 
 def ensure_toy_pair(cfg: Any) -> tuple[Path, Path]:
@@ -133,14 +166,24 @@ def ensure_toy_pair(cfg: Any) -> tuple[Path, Path]:
     pre = ensure_pretrained(cfg)
     key = config_key(cfg, finetune=True)
     ft = _build_atomically(toy_root(cfg) / key, lambda d: _build_finetuned(cfg, key, pre, d))
+    apply_threads(cfg)
     return ft, pre
 
 
 def ensure_toy(cfg: Any) -> Path:
     """The model directory ``cfg`` describes: the pretrained toy, or, when ``finetune_domain``
-    is set, the fine-tuned one (its pretrained origin is ``toy_meta.json["pretrained_path"]``)."""
+    is set, the fine-tuned one (its pretrained origin is ``toy_meta.json["pretrained_path"]``).
+    Sets torch's thread count to ``cfg.threads`` when that is not null (see ToyModelCfg)."""
     cfg = as_toy_cfg(cfg)
-    return ensure_toy_pair(cfg)[0] if cfg.finetune_domain else ensure_pretrained(cfg)
+    path = ensure_toy_pair(cfg)[0] if cfg.finetune_domain else ensure_pretrained(cfg)
+    apply_threads(cfg)
+    return path
+
+
+def apply_threads(cfg: ToyModelCfg) -> None:
+    if cfg.threads is not None:
+        import torch
+        torch.set_num_threads(cfg.threads)
 
 
 def read_meta(model_dir: str | Path) -> dict:

@@ -21,7 +21,7 @@ from stun_exp.toy.corpus import DOMAINS
 MAX_POSITIONS = 512  # > seq_len so lm-eval prompts + generation fit (torch-free: validation reads it)
 
 # Fields that do not change the trained weights (excluded from the cache key).
-NON_WEIGHT_FIELDS = {"kind", "cache_dir", "finetune_domain", "finetune_steps", "eval_after_build"}
+NON_WEIGHT_FIELDS = {"kind", "cache_dir", "finetune_domain", "finetune_steps", "eval_after_build", "threads"}
 POSITIVE_INTS = ("num_experts", "top_k", "num_layers", "hidden_size", "num_heads",
                  "intermediate_size", "vocab_size", "seq_len", "train_steps", "batch_size",
                  "finetune_steps")
@@ -41,13 +41,17 @@ class ToyModelCfg(Validatable):
     intermediate_size: int = 256
     vocab_size: int = 384
     seq_len: int = 128
-    train_steps: int = 1400  # fixed step count (not wall time) so the build is deterministic
+    train_steps: int = 2400  # fixed step count (not wall time) so the build is deterministic
     batch_size: int = 32
     lr: float = 2e-3
     seed: int = 0
     finetune_domain: Optional[str] = None
     finetune_steps: int = 200
     eval_after_build: bool = True  # store quick dense scores in toy_meta.json (~10 s)
+    # torch intra-op threads of the process once the toy is loaded (ensure_toy sets them; null =
+    # leave torch's setting). The toy's matrices are too small to gain from a second thread, and on
+    # a busy 2-core machine two threads made the toy's lm-eval suite ~25x slower than one.
+    threads: Optional[int] = 1
     cache_dir: str = "${oc.env:STUN_EXP_CACHE,'~/.cache/stun_exp'}"
 
     def validate(self, info: Optional[Any] = None, prefix: str = "model") -> None:
@@ -55,6 +59,9 @@ class ToyModelCfg(Validatable):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{prefix}.{name}", v, "a positive integer")
+        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                         or self.threads < 1):
+            raise ConfigError(f"{prefix}.threads", self.threads, "null or a positive integer")
         if self.top_k > self.num_experts:
             raise ConfigError(f"{prefix}.top_k", self.top_k, f"an integer <= num_experts ({self.num_experts})")
         if self.hidden_size % self.num_heads:

@@ -1,9 +1,9 @@
 """Seeded synthetic multi-domain corpus for the toy MoE.
 
-Five domains give the experts something to specialise in (after
-``shared/reference/toy_feasibility.md``): GSM8K-style arithmetic word problems (``#### <answer>``
-line; 40% of them written as bare drills ``Compute 23+45.``), facts about an invented world (statements and Q/A; a quarter of the facts appear only as
-statements), number comparison, string operations (copy/reverse/sort) and templated sentences.
+Five domains give the experts something to specialise in: GSM8K-style arithmetic word problems
+(``#### <answer>`` line; 40% of them written as bare drills ``Compute 23+45.``), facts about an
+invented world (statements and Q/A; a quarter of the facts appear only as statements), number
+comparison, string operations (copy/reverse/sort) and templated sentences.
 
 Held-out split: an item is *held out* when a salted hash of its question text falls in one
 bucket out of ``HELDOUT_MOD``. Training generators reject held-out items and evaluation generators
@@ -12,10 +12,10 @@ number of generated documents. Facts are the exception by design: the world is f
 fact task probes memorised knowledge (75% of facts are also asked as Q/A in training, 25% only
 stated). Everything is a pure function of ``seed``: same seed, same text.
 
-Difference from the notes' mix (arith 40 / facts 20 / compare 15 / strings 15 / sentences 10): with
-that mix arithmetic reached only 19-31% exact match at 1400 steps over three seeds (the notes'
-58.5% was one seed), and the string domain is never learned; so arithmetic gets 50% (40% of it as
-drills, which carry more arithmetic per token) and strings/sentences 7.5% each.
+Why this mix: with arith 40 / facts 20 / compare 15 / strings 15 / sentences 10, arithmetic reached
+only 19-31% exact match at 1400 steps over three seeds, and the string domain is never learned; so
+arithmetic gets 50% (40% of it as drills, which carry more arithmetic per token) and
+strings/sentences 7.5% each.
 """
 from __future__ import annotations
 
