@@ -252,7 +252,8 @@ def med(rows: list[dict], key: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--venv", default=os.environ.get("LLMC_VENV", "/work/venvs/llmcompressor"))
+    ap.add_argument("--venv", default=os.environ.get("LLMC_VENV", str(ROOT / ".venv-llmcompressor")),
+                    help="llm-compressor's own virtual environment (created on first use)")
     ap.add_argument("--work", default="/tmp/bench_vs_llmc")
     ap.add_argument("--shapes", nargs="+", default=["small", "wide"], choices=list(SHAPES))
     ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], choices=["wanda", "sparsegpt"])

@@ -201,6 +201,8 @@ def run_pipeline(cfg: DictConfig, run_dir_s: Optional[str], info: Any = None) ->
 def _run(cfg: DictConfig, run_dir: Optional[Path], chash: str, request: Any, timer: Timer,
          logger: RunLogger) -> dict[str, Any]:
     seed_everything(int(cfg.seed))
+    if cfg.model.get("threads") is not None:       # the model's thread count (the toy: 1, see its config)
+        torch.set_num_threads(int(cfg.model.threads))
     device = pick_device(cfg.device)
     rt = make_runtime(cfg, device)
     rt.bind(run_dir)

@@ -12,7 +12,7 @@ its own mean in float64 (chunks small enough to stay in cache), and chunks, matr
 the whole model are merged from those summaries. Pooled figures therefore cost no extra pass.
 
 Granularity (STUN's released code has no kurtosis computation and the paper's convention was not
-recoverable, see reference/methods.md §H; this is our stated default):
+published; this is our stated default):
   * per matrix: each expert's gate/up/down, each attention projection, the router;
   * per layer: unweighted mean over that layer's expert matrices, and the *pooled* kurtosis of all
     expert entries of the layer together (pooling matrices of different variance inflates it);

@@ -112,11 +112,14 @@ class HFModel(Validatable):
     dtype: str = "auto"            # auto = bf16 on GPU, fp32 on CPU
     pretrained_path: Optional[str] = None   # the pre-fine-tuning model, for router_change
     device_map: Optional[str] = None        # e.g. "auto": spread a model too big for one GPU (accelerate)
+    threads: Optional[int] = None           # torch intra-op threads of the run; null = torch's default
 
     def validate(self, info: Optional[Any] = None, prefix: str = "model") -> None:
         if not self.name_or_path or self.name_or_path == "???":
             raise ConfigError(f"{prefix}.name_or_path", self.name_or_path, "a hub id or a local directory")
         check_choice(f"{prefix}.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"{prefix}.threads", self.threads, "null or a positive integer")
 
 
 # ---- loggers --------------------------------------------------------------------------------

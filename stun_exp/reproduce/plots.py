@@ -3,8 +3,9 @@
 Used for accuracy vs sparsity, the structured-share interpolation curve (the paper's Figure 1) and
 the STUN-vs-unstructured gap vs number of experts. Optional plot keys: ``only`` (draw just these
 series, e.g. the gap rows), ``errorbar`` (a column suffix such as ``ci95``: draw ``<y> ci95`` as
-error bars), ``hline`` (a reference line, e.g. 0 for "no gap") and ``xscale: log2``. PNGs are written without a timestamp or
-software tag, so rebuilding from the same runs gives the same bytes on the same matplotlib.
+error bars), ``hline`` (a reference line, e.g. 0 for "no gap"), ``xscale: log2`` and ``where`` (a
+row filter). PNGs are written without a timestamp or software tag, so rebuilding from the same runs
+gives the same bytes on the same matplotlib.
 """
 from __future__ import annotations
 

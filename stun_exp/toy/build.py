@@ -166,24 +166,14 @@ def ensure_toy_pair(cfg: Any) -> tuple[Path, Path]:
     pre = ensure_pretrained(cfg)
     key = config_key(cfg, finetune=True)
     ft = _build_atomically(toy_root(cfg) / key, lambda d: _build_finetuned(cfg, key, pre, d))
-    apply_threads(cfg)
     return ft, pre
 
 
 def ensure_toy(cfg: Any) -> Path:
     """The model directory ``cfg`` describes: the pretrained toy, or, when ``finetune_domain``
-    is set, the fine-tuned one (its pretrained origin is ``toy_meta.json["pretrained_path"]``).
-    Sets torch's thread count to ``cfg.threads`` when that is not null (see ToyModelCfg)."""
+    is set, the fine-tuned one (its pretrained origin is ``toy_meta.json["pretrained_path"]``)."""
     cfg = as_toy_cfg(cfg)
-    path = ensure_toy_pair(cfg)[0] if cfg.finetune_domain else ensure_pretrained(cfg)
-    apply_threads(cfg)
-    return path
-
-
-def apply_threads(cfg: ToyModelCfg) -> None:
-    if cfg.threads is not None:
-        import torch
-        torch.set_num_threads(cfg.threads)
+    return ensure_toy_pair(cfg)[0] if cfg.finetune_domain else ensure_pretrained(cfg)
 
 
 def read_meta(model_dir: str | Path) -> dict:

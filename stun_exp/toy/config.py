@@ -48,9 +48,9 @@ class ToyModelCfg(Validatable):
     finetune_domain: Optional[str] = None
     finetune_steps: int = 200
     eval_after_build: bool = True  # store quick dense scores in toy_meta.json (~10 s)
-    # torch intra-op threads of the process once the toy is loaded (ensure_toy sets them; null =
-    # leave torch's setting). The toy's matrices are too small to gain from a second thread, and on
-    # a busy 2-core machine two threads made the toy's lm-eval suite ~25x slower than one.
+    # torch intra-op threads of the run (the runner applies them; null = torch's default, every core).
+    # The toy's matrices are too small to gain from a second thread, and on a busy 2-core machine two
+    # threads made the toy's lm-eval suite ~25x slower than one.
     threads: Optional[int] = 1
     cache_dir: str = "${oc.env:STUN_EXP_CACHE,'~/.cache/stun_exp'}"
 

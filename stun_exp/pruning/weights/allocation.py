@@ -9,7 +9,7 @@ OWL, as in the reference code:
    The unweighted mean of s_l is S (before the clamp), spread 2*lambda.
 3. Equal D_l (max == min) would divide by zero in the reference; here it falls back to uniform.
 
-``owl_weighting="params"`` (our extension, [inference] in methods.md C.2): after expert pruning
+``owl_weighting="params"`` (our extension, not in OWL's code): after expert pruning
 layers hold different numbers of weights, so the unweighted mean no longer equals the parameter
 sparsity. We shift all s_l by one constant c so that sum_l n_l s_l = S sum_l n_l, clamping to
 [0.01, 0.99] and re-solving c over the unclamped layers.

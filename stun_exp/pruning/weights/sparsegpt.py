@@ -13,8 +13,8 @@ positive scale: dampening is relative to mean(diag H), so the scale cancels):
 
 Differences from the reference code: s == 0 prunes nothing (the code would prune the minimum of
 each block); N:M ties fall to the lower index (stable sort instead of topk).
-MoE (methods.md D.5): an expert's H comes from its routed tokens only; a zero-token expert has
-H == 0 and would be zeroed wholesale, so the caller must not pass it here (policy in engine).
+MoE (our extension): an expert's H comes from its routed tokens only; a zero-token expert has H == 0
+and would be zeroed wholesale, so the caller must not pass it here (policy in pruners.py).
 """
 from __future__ import annotations
 
