@@ -66,7 +66,7 @@ class StreamingEngine(E.SequentialEngine):
                     args = E.to_device(cap.layer_args[l], self.device)
                     with self._layer_observer(l):
                         stats, outs = self._observe(l, layer, targets, inps, args, cap.hidden_as_kwarg)
-                    if process(l, targets, stats):
+                    if process(l, targets, stats) and (l + 1 < len(layers) or self.keep_final):
                         if self.offload:
                             self.offload.drop(outs)
                         outs = self._propagate(l, layer, inps, args, cap.hidden_as_kwarg)

@@ -12,7 +12,8 @@
               non-expert matrices; the adapter's ExpertObserver for routed experts, so expert
               statistics come from the tokens the CURRENT (already pruned upstream) router sends
       process the pruner's callback (score -> allocate -> mask, or SparseGPT update)
-      re-run  the pruned layer to produce layer l+1's inputs (skipped when nothing changed)
+      re-run  the pruned layer to produce layer l+1's inputs (skipped when nothing changed,
+              and after the last layer, whose outputs feed nothing)
       return  the layer to its original device
 
 The engine knows no method; pruners plug in a ``process(l, targets, stats) -> bool`` callback.
@@ -133,7 +134,7 @@ class SequentialEngine:
             else:
                 args = to_device(cap.layer_args[l], self.device)
                 stats, outs = self._observe(l, layer, targets, inps, args, cap.hidden_as_kwarg)
-                if process(l, targets, stats):
+                if process(l, targets, stats) and l + 1 < len(layers):
                     outs = self._propagate(l, layer, inps, args, cap.hidden_as_kwarg)
                 inps = outs
             layer.to(home)
