@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -219,6 +220,7 @@ def run_stun(model_dir: Path, calib: Path, method: str, pattern: str, run_dir: P
            "unstructured_pruner.prune_router=false", "sparsity=null", "unstructured_pruner.sparsity=0.5",
            *nm, "eval=none", "dense_baseline=false", "save_checkpoint=true", f"out_root={run_dir.parent}",
            f"hydra.run.dir={run_dir}"]
+    shutil.rmtree(run_dir, ignore_errors=True)   # a finished run of an earlier benchmark would be refused
     _, wall = sh(cmd, env={**env, "PYTHONPATH": str(ROOT)})
     r = json.loads((run_dir / "results.json").read_text())
     t = r["timings"]
@@ -240,6 +242,7 @@ def _calib_shape(calib: Path) -> tuple[int, int]:
 def run_llmc(py: Path, model_dir: Path, calib: Path, method: str, pattern: str, out: Path, env: dict) -> dict:
     script = out.parent / "llmc_run.py"
     script.write_text(LLMC_RUN)
+    shutil.rmtree(out, ignore_errors=True)
     stdout, wall = sh([str(py), str(script), str(model_dir), str(calib), method, pattern, str(out)], env=env)
     r = bench_json(stdout)
     return {"prune": r["prune"], "model": r["model"], "analysis": 0.0, "whole": wall, "import": r["import"],

@@ -303,8 +303,8 @@ def per_layer_table(results: dict[str, Any]) -> list[dict]:
 
 
 def summary_table(dense: dict, pruned: dict, sp: dict) -> str:
-    """A small Markdown table: dense vs pruned metrics and the sparsity ledger."""
-    import pandas as pd
+    """A small Markdown table: dense vs pruned metrics and the sparsity ledger (formatted here:
+    importing pandas for ten rows would cost a noticeable share of a small run)."""
     keys = sorted(k for k in set(dense) | set(pruned) if isinstance(pruned.get(k, dense.get(k)), (int, float))
                   and not isinstance(pruned.get(k, dense.get(k)), bool) and not k.endswith("_tokens"))
     rows = [{"metric": k, "dense": dense.get(k), "pruned": pruned.get(k),
@@ -312,4 +312,20 @@ def summary_table(dense: dict, pruned: dict, sp: dict) -> str:
     for name in ("decoder_linear", "all_params", "active_params", "targeted", "expert"):
         if sp.get(name) is not None:
             rows.append({"metric": f"sparsity/{name}", "dense": 0.0, "pruned": sp[name], "delta": sp[name]})
-    return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f")
+    return markdown_table(rows, ["metric", "dense", "pruned", "delta"])
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    """Rows as a Markdown table: text left-aligned, numbers right-aligned with 4 decimals, None blank."""
+    def cell(v: Any) -> str:
+        return "" if v is None else f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
+    body = [[cell(r.get(c)) for c in cols] for r in rows]
+    numeric = [all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows) for c in cols]
+    width = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
+
+    def line(vals: list[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) if num else v.ljust(w)
+                                 for v, w, num in zip(vals, width, numeric)) + " |"
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else (":" + "-" * (w + 1))
+                          for w, num in zip(width, numeric)) + "|"
+    return "\n".join([line(cols), rule] + [line(b) for b in body])
