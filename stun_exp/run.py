@@ -1,6 +1,6 @@
 """Entry point: ``stun-exp`` (= ``python -m stun_exp.run``) -> ``run(cfg) -> dict``.
 
-Stages, in this fixed order (design.md): validate -> model -> calib -> expert pruner ->
+Stages, in this fixed order (docs/architecture.md): validate -> model -> calib -> expert pruner ->
 unstructured pruner -> distill -> analyse -> evaluate -> record. Every stage is a config group;
 ``none`` skips a pruner, distillation or evaluation.
 """

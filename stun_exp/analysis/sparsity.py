@@ -1,4 +1,4 @@
-"""The sparsity ledger: one meaning per number (design.md "Meanings that must never be ambiguous").
+"""The sparsity ledger: one meaning per number.
 
 Every run reports four denominators, all relative to the ORIGINAL (dense, unpruned) model so that
 removed experts count as zeros:

@@ -1,6 +1,6 @@
 """Expert surgery: remove or merge experts of one MoE layer, keep the config consistent.
 
-Two removal semantics (design.md, recorded in ``config.expert_removal``):
+Two removal semantics (recorded in ``config.expert_removal``):
 
 ``slice_router``  router rows (and biases / DeepSeek correction bias) and expert slices are dropped;
                   top-k runs over the survivors. The layer's expert count changes, so counts go to

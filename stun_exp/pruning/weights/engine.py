@@ -1,4 +1,4 @@
-"""The one sequential layer engine every unstructured pruner runs on (methods.md 0.2).
+"""The one sequential layer engine every unstructured pruner runs on (docs/methods.md, "Shared machinery").
 
     capture   the inputs of every calibration sample to decoder layer 0, plus the keyword
               arguments each decoder layer receives (attention mask, position ids, rotary

@@ -81,17 +81,17 @@ def _prune_stack(items: Sequence[tuple[Tensor, Tensor]], sparsity: float, nm: tu
                  blocksize: int, percdamp: float) -> list[tuple[Tensor, Tensor]]:
     w = torch.stack([wt.detach().float() for wt, _ in items])                       # [E, rows, cols]
     # the factors as LAPACK returns them (their memory layout picks the BLAS path of the lazy
-    # update product below, so they are kept); a stacked copy serves the elementwise column loop
+    # update product below, so they are kept); each block's diagonal tiles are stacked for the
+    # elementwise column loop (a stacked copy of the whole factors would double their memory)
     factors = [_inverse_factor(h.detach().to(w.device, torch.float32).clone(), w[e], percdamp)
                for e, (_, h) in enumerate(items)]
-    u = torch.stack(factors)
     n_mat, rows, cols = w.shape
     if nm is not None and (blocksize % nm[1] or cols % nm[1]):
         raise ValueError(f"N:M {nm} needs blocksize ({blocksize}) and width ({cols}) divisible by M")
     mask = torch.zeros_like(w, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        w1, u1 = w[:, :, i1:i2].clone(), u[:, i1:i2, i1:i2]
+        w1, u1 = w[:, :, i1:i2].clone(), torch.stack([f[i1:i2, i1:i2] for f in factors])
         d = torch.diagonal(u1, dim1=1, dim2=2)                                       # [E, B]
         m1 = _block_mask(w1, d, sparsity) if nm is None else torch.zeros_like(w1, dtype=torch.bool)
         err1 = torch.zeros_like(w1)
