@@ -101,7 +101,13 @@ def cli() -> None:
 def _exit_now(code: int) -> None:
     import atexit
     import os
-    atexit._run_exitfuncs()   # what a normal exit would run (wandb, logging.shutdown, ...)
+    import threading
+    # what a normal exit runs before tearing modules down: join non-daemon threads and run the
+    # threading exit hooks (executors of parallel launchers), then the atexit handlers (W&B, logging)
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
