@@ -29,12 +29,10 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from stun_exp.analysis import sparsity as ledger
-from stun_exp.config.sparsity import is_default
-from stun_exp.config.sparsity import normalise as normalise_sparsity
-from stun_exp.config.sparsity import resolve as resolve_sparsity
+from stun_exp.config.sparsity import effective as effective_config
 from stun_exp.config.validate import validate
 from stun_exp.context import RunContext
 from stun_exp.runtime import InMemoryRuntime, Runtime
@@ -90,14 +88,10 @@ def prepare(cfg: DictConfig, info: Any = None) -> tuple[DictConfig, Any, Any]:
     info = info if info is not None else validate(cfg)
     from stun_exp.config.inputs import check_inputs
     check_inputs(cfg, info)
-    request = resolve_sparsity(cfg)
+    cfg, request = effective_config(cfg)
     for knob, src in (("sparsity", request.total_source), ("unstructured_pruner.sparsity", request.ratio_source)):
         if src.startswith("stepped aside"):
             log.info("%s: its default %s", knob, src)
-    cfg = normalise_sparsity(cfg, request)
-    if is_default(cfg, "save_checkpoint"):
-        with open_dict(cfg):              # streaming writes its checkpoint: that is how the pruned model exists
-            cfg.save_checkpoint = bool(cfg.runtime.streaming)
     return cfg, info, request
 
 

@@ -184,7 +184,8 @@ def test_reproduce_launches_then_reuses_runs(tmp_path: Path) -> None:
             "calib.nsamples=4", "calib.seqlen=32", "eval=toy", f"eval.task_dir={tasks}",
             "eval.tasks=[toy_compare]", "eval.ppl_seqlen=16", "dense_baseline=false", "expert_pruner=none"]
     exp = dict(EXP, modes={"toy": {"select": {"config.model.kind": "hf"},
-                                   "sweeps": [base + ["unstructured_pruner=none,wanda", "sparsity=0.4"]]}},
+                                   "sweeps": [base + ["unstructured_pruner=none", "sparsity=null"],
+                                              base + ["unstructured_pruner=wanda", "sparsity=0.4"]]}},
                columns=[{"name": "MC", "toy": "metrics.toy_compare/acc", "scale": 100}], gap=None,
                plots=[], paper={"source": "none", "rows": []})
     d = tmp_path / "exps"
@@ -195,8 +196,8 @@ def test_reproduce_launches_then_reuses_runs(tmp_path: Path) -> None:
     first = (tmp_path / "t" / "mini_toy.md").read_text()
     assert "| 0 | unpruned |" in first and "| 0.4 | Wanda |" in first
     from stun_exp.reproduce.launch import plan_sweeps
-    (_, jobs, done), = plan_sweeps(load_experiment("mini", d), "toy", tmp_path / "out")
-    assert jobs == done == 2
+    plans = plan_sweeps(load_experiment("mini", d), "toy", tmp_path / "out")
+    assert [(jobs, done) for _, jobs, done in plans] == [(1, 1), (1, 1)]
     assert main(args) == 0 and (tmp_path / "t" / "mini_toy.md").read_text() == first
 
 
@@ -221,3 +222,34 @@ def test_plot_where_selects_rows() -> None:
     bad = dict(EXP, plots=[{"file": "p", "x": "sparsity", "y": "Arith", "where": {"total": 0.4}}])
     with pytest.raises(ConfigError, match="plots.where"):
         parse_experiment(bad)
+
+
+def test_launcher_hash_is_the_hash_the_runner_records(tmp_path: Path) -> None:
+    """A job's hash as the table launcher computes it equals the one the runner writes to
+    results.json, also when the runner rewrites the config (the sparsity knob, save_checkpoint's
+    default): otherwise finished runs are neither found by the tables nor skipped on relaunch."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from stun_exp.config.schema import register_all
+    from stun_exp.pipeline import prepare
+    from stun_exp.reproduce.launch import CONF_DIR, job_hashes
+    from stun_exp.tracking.run_record import config_hash
+    register_all()
+    torch.manual_seed(0)
+    ck = tmp_path / "ck"
+    MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)).save_pretrained(ck)
+    ids = tmp_path / "ids.pt"
+    torch.save(torch.randint(0, 64, (4, 16)), ids)
+    base = ["model=hf", f"model.name_or_path={ck}", "calib=tokens", f"calib.path={ids}", "calib.nsamples=4",
+            "calib.seqlen=16", "eval=none", "expert_pruner=none"]
+    jobs = [base + ["unstructured_pruner=wanda", "sparsity=0.4"],
+            base + ["unstructured_pruner=wanda", "unstructured_pruner.sparsity=0.6"],
+            base + ["unstructured_pruner=wanda", "unstructured_pruner.nm=2:4"],
+            base + ["unstructured_pruner=none"], base + ["unstructured_pruner=none", "runtime=streaming"]]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        recorded = [config_hash(prepare(compose(config_name="config", overrides=j))[0]) for j in jobs]
+    assert job_hashes(jobs) == recorded and len(set(recorded)) == len(jobs)

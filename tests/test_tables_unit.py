@@ -63,3 +63,22 @@ def test_without_unit_the_table_is_unchanged() -> None:
     df = build_table(parse_experiment(exp), pd.DataFrame(_runs("none", {0: [0.5, 0.7]})), "toy")
     assert "units" not in df.columns and "acc ci95" not in df.columns
     assert df.iloc[0]["acc"] == pytest.approx(60.0) and df.iloc[0]["runs"] == 2
+
+
+def test_every_shipped_experiment_loads_and_a_split_label_is_refused() -> None:
+    import yaml
+
+    from stun_exp.errors import ConfigError
+    from stun_exp.reproduce.spec import available, load_experiment
+    for name in available():
+        load_experiment(name)
+    bad = yaml.safe_load("""
+name: x
+index: [method]
+methods:
+  - {label: STUN (router, same count per layer), match: {config.expert_pruner.name: stun}}
+columns: [{name: a, path: metrics.a}]
+modes: {toy: {sweeps: []}}
+""")
+    with pytest.raises(ConfigError, match="quote a label"):
+        parse_experiment(bad, "bad.yaml")

@@ -101,3 +101,16 @@ def normalise(cfg: DictConfig, req: SparsityRequest) -> DictConfig:
         if "sparsity" in out.unstructured_pruner:
             out.unstructured_pruner.sparsity = req.ratio if req.ratio_source != "nm" else None
     return out
+
+
+def effective(cfg: DictConfig) -> tuple[DictConfig, SparsityRequest]:
+    """The config that runs, as ``results.json`` records and hashes it: the sparsity knob resolved
+    (``normalise``) and ``save_checkpoint``'s default settled (true only for streaming, which writes
+    its checkpoint as the way the pruned model exists). The runner and the table launcher both call
+    this, so a launched job and the run it made carry the same config hash."""
+    request = resolve(cfg)
+    cfg = normalise(cfg, request)
+    if is_default(cfg, "save_checkpoint"):
+        with open_dict(cfg):
+            cfg.save_checkpoint = bool(cfg.runtime.streaming)
+    return cfg, request

@@ -34,11 +34,12 @@ def expand_jobs(overrides: list[str]) -> list[list[str]]:
 
 
 def job_hashes(jobs: list[list[str]]) -> list[Optional[str]]:
-    """config_hash of each job's composed config (None where it cannot be composed here).
+    """config_hash of each job's config as the runner records it (None where it cannot be composed here).
 
     One Hydra initialisation for all jobs: composing is cheap, initialising is not."""
     from hydra import compose, initialize_config_dir
     from stun_exp.config.schema import register_all
+    from stun_exp.config.sparsity import effective
     from stun_exp.tracking.run_record import config_hash
     try:
         register_all()
@@ -48,7 +49,7 @@ def job_hashes(jobs: list[list[str]]) -> list[Optional[str]]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for job in jobs:
             try:
-                out.append(config_hash(compose(config_name="config", overrides=job)))
+                out.append(config_hash(effective(compose(config_name="config", overrides=job))[0]))
             except Exception:  # noqa: BLE001 - the runner will report a bad override itself
                 out.append(None)
     return out

@@ -40,6 +40,7 @@ import yaml
 from stun_exp.errors import ConfigError
 
 MODES = ("real", "toy")
+METHOD_KEYS = {"label", "match", "set"}
 TOP_KEYS = {"name", "title", "description", "index", "keys", "methods", "columns", "gap", "plots", "paper",
             "modes", "float_format", "std", "unit"}
 
@@ -118,6 +119,11 @@ def _check(exp: Experiment, where: str) -> None:
     for k, v in exp.keys.items():     # a key is a record path, or {real: path, toy: path}
         if isinstance(v, dict) and set(v) - set(MODES):
             raise ConfigError(f"{where}: keys.{k}", sorted(set(v) - set(MODES))[0], list(MODES))
+    for m in exp.methods:       # an unquoted label with a comma splits into two keys in a YAML flow map
+        extra = set(m) - METHOD_KEYS if isinstance(m, dict) else {"<not a mapping>"}
+        if extra or not isinstance(m.get("label"), str) or not isinstance(m.get("match"), dict):
+            raise ConfigError(f"{where}: methods", m, "{label: <text>, match: {...}, set: {...}} (quote a "
+                              "label that holds a comma)")
     names = exp.column_names()
     for c in exp.columns:
         if "diff_of" in c and len(c["diff_of"]) != 2:
