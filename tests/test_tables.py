@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -253,3 +254,24 @@ def test_launcher_hash_is_the_hash_the_runner_records(tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         recorded = [config_hash(prepare(compose(config_name="config", overrides=j))[0]) for j in jobs]
     assert job_hashes(jobs) == recorded and len(set(recorded)) == len(jobs)
+
+
+def test_error_bars_drawn_where_an_interval_exists(tmp_path: Path, monkeypatch) -> None:
+    """Points with one unit have no interval; the others still get their bars (not none at all)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from stun_exp.reproduce.plots import plot
+    calls = []
+    real = Axes.errorbar
+    monkeypatch.setattr(Axes, "errorbar", lambda self, *a, **k: calls.append((a, k)) or real(self, *a, **k))
+    df = pd.DataFrame({"experts": [8, 16, 32], "method": ["gap"] * 3, "Arith": [-20.0, 4.0, 8.0],
+                       "Arith ci95": [70.0, None, None]})
+    exp = parse_experiment(dict(EXP, index=["experts", "method"], keys={"experts": "config.model.num_experts"},
+                                plots=[], gap=None, paper={"source": "none", "rows": []}))
+    plot(exp, df, {"file": "p", "x": "experts", "y": "Arith", "series": "method", "errorbar": "ci95"}, "toy",
+         tmp_path / "p.png")
+    (xs, ys), kw = calls[0]
+    assert list(ys) == [-20.0, 4.0, 8.0] and kw["yerr"][0] == 70.0
+    assert all(math.isnan(e) for e in kw["yerr"][1:])

@@ -340,3 +340,13 @@ def test_build_family_builds_in_parallel_then_resumes(tmp_path):
     mtimes = [p.stat().st_mtime_ns for p in (tmp_path / "toy" / "family-logs").iterdir()]
     assert main(argv) == 0                                # everything built: nothing runs again
     assert [p.stat().st_mtime_ns for p in (tmp_path / "toy" / "family-logs").iterdir()] == mtimes
+
+
+def test_toy_cli_refuses_a_bad_override_in_one_line(capsys) -> None:
+    from stun_exp.toy.build import BUILD_COUNT
+    from stun_exp.toy.cli import main
+    before = dict(BUILD_COUNT)
+    assert main(["build", "num_expert=16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_expert" in err[0] and "num_experts" in err[0]
+    assert BUILD_COUNT == before

@@ -165,14 +165,11 @@ def decoder_sizes_of(cfg: DictConfig) -> Any:
     """Decoder sizes of the run's model from its shapes (meta device; the toy from its own fields)."""
     from stun_exp.models.sizes import decoder_sizes, meta_model
     if cfg.model.kind == "toy":
-        from types import SimpleNamespace
-
         import torch
         from stun_exp.toy.config import as_toy_cfg
         from stun_exp.toy.train import make_model
-        no_ids = SimpleNamespace(bos_token_id=None, eos_token_id=None, pad_token_id=None)
         with torch.device("meta"):
-            return decoder_sizes(make_model(as_toy_cfg(cfg.model), no_ids))
+            return decoder_sizes(make_model(as_toy_cfg(cfg.model)))
     from stun_exp.models.loading import config_for
     trust = bool(cfg.model.get("trust_remote_code", False))
     return decoder_sizes(meta_model(config_for(cfg.model.name_or_path, trust), trust, cfg.model.name_or_path))

@@ -9,6 +9,8 @@ gives the same bytes on the same matplotlib.
 """
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +92,11 @@ def plot(exp: Experiment, df: pd.DataFrame, spec: dict[str, Any], mode: str, pat
     ptag = "paper, right axis" if pax is not ax else "paper"
     for i, name in enumerate(dict.fromkeys([*ours, *paper])):
         col = colors[i % len(colors)]
-        if name in ours and name in err and list(err[name][0]) == list(ours[name][0]):
-            ax.errorbar(*ours[name], yerr=err[name][1], marker="o", color=col, capsize=4,
+        # a point without an interval (one unit) gets no bar, the others keep theirs
+        yerr = [dict(zip(*err[name])).get(xv, math.nan) for xv in ours[name][0]] \
+            if name in ours and name in err else []
+        if any(math.isfinite(e) for e in yerr):
+            ax.errorbar(*ours[name], yerr=yerr, marker="o", color=col, capsize=4,
                         label=f"{name} (ours, ±{spec['errorbar']})")
         elif name in ours:
             ax.plot(*ours[name], marker="o", color=col, label=f"{name} (ours)")

@@ -53,9 +53,8 @@ class CheckpointAdapter:
         if spec.layout == "modulelist":
             g, u, d = (r.get(self._key(l, f"{ex}.{e}.{n}.weight")) for n in spec.modulelist_names)
             return {"gate": g, "up": u, "down": d}
-        names = LEGACY[s.arch].names if s.layer_format(l) == "legacy" else None
-        if names is not None:                  # per-expert legacy keys (renamed back by _key)
-            g, u, d = (r.get(self._key(l, f"{ex}.{e}.{n}.weight")) for n in names)
+        if s.layer_format(l) == "legacy" and LEGACY[s.arch].names is not None:   # per-expert keys
+            g, u, d = (r.get(self._key(l, f"{ex}.{e}.{n}.weight")) for n in LEGACY[s.arch].names)
             return {"gate": g, "up": u, "down": d}
         gu = r.get_slice(self._key(l, f"{ex}.gate_up_proj"), e)
         down = r.get_slice(self._key(l, f"{ex}.down_proj"), e)

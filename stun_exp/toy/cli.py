@@ -44,9 +44,7 @@ def parse_overrides(items: Sequence[str]) -> dict:
 
 
 def default_cfg(**overrides) -> ToyModelCfg:
-    fields = {k: v for k, v in asdict(ToyModelCfg()).items()}
-    fields.update(overrides)
-    return as_toy_cfg(fields)
+    return as_toy_cfg({**asdict(ToyModelCfg()), **overrides})
 
 
 def family_cfgs(experts: Sequence[int], seeds: Sequence[int], total: int,
@@ -184,6 +182,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from stun_exp.errors import ConfigError
     a = parse_args(argv)
-    return {"build": cmd_build, "build-family": cmd_build_family, "rebuild": cmd_rebuild,
-            "info": cmd_info}[a.cmd](a)
+    try:
+        return {"build": cmd_build, "build-family": cmd_build_family, "rebuild": cmd_rebuild,
+                "info": cmd_info}[a.cmd](a)
+    except ConfigError as e:          # a bad key=value: one line, before anything trains
+        print(f"stun-exp-toy: error: {e}", file=sys.stderr, flush=True)
+        return 2

@@ -76,16 +76,17 @@ def build_tokenizer(cfg: ToyModelCfg) -> PreTrainedTokenizerFast:
     return train_tokenizer(generate_docs(n, cfg.seed, stream="tokenizer"), cfg.vocab_size)
 
 
-def make_model(cfg: ToyModelCfg, tok: PreTrainedTokenizerFast) -> MixtralForCausalLM:
+def make_model(cfg: ToyModelCfg, tok: Optional[PreTrainedTokenizerFast] = None) -> MixtralForCausalLM:
+    """The toy's untrained model, seeded (``tok`` supplies the special-token ids; None: unset)."""
     torch.manual_seed(cfg.seed)
+    ids = {k: getattr(tok, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     mc = MixtralConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads, num_local_experts=cfg.num_experts,
         num_experts_per_tok=cfg.top_k, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True,
         router_aux_loss_coef=AUX_COEF, output_router_logits=False, router_jitter_noise=0.0,
-        sliding_window=None, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, experts_implementation=EXPERTS_IMPL)
+        sliding_window=None, experts_implementation=EXPERTS_IMPL, **ids)
     return MixtralForCausalLM(mc)
 
 
@@ -94,13 +95,8 @@ def measure_step_seconds(cfg: ToyModelCfg, steps: int = 2) -> tuple[float, int]:
     one warm-up step, then the median of ``steps``), and the thread count it ran with."""
     with training_threads() as threads:
         g = torch.Generator().manual_seed(0)
-        mc = MixtralConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                           intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-                           num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-                           num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k,
-                           max_position_embeddings=MAX_POSITIONS, output_router_logits=True,
-                           experts_implementation=EXPERTS_IMPL)
-        model = MixtralForCausalLM(mc)
+        model = make_model(cfg)                   # the model the build trains, as it trains it
+        model.config.output_router_logits = True
         opt = _optimizer(model, cfg.lr)
         times = []
         for _ in range(steps + 1):
