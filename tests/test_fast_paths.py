@@ -1,6 +1,6 @@
 """The fast paths give the same bits as the plain computations they replace, on tiny inputs and models.
 
-* masks: selection (kthvalue) instead of a stable sort;
+* masks: selection (kthvalue) instead of a stable sort; N:M groups by pairwise ranks;
 * SparseGPT: same-shape matrices stacked, against the plain one-matrix column loop below;
 * observer: the fused forward's own gated hidden states instead of a per-expert recomputation,
   for the statistics and for whole pruning runs (Wanda, SparseGPT, OWL, MoE-Pruner).
@@ -39,6 +39,43 @@ def test_masks_equal_the_sort_rules(s):
         if s > 0:
             thr = torch.sort(sc.flatten()).values[int(sc.numel() * s)]
             assert torch.equal(threshold_mask(sc, s), sc <= thr)
+
+
+def _nm_by_sort(sc, n, m):
+    g = sc.reshape(sc.shape[0], -1, m)
+    idx = torch.sort(g, dim=-1, stable=True).indices[..., :n]
+    return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True).reshape(sc.shape)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (8, 16)])
+def test_nm_ranks_equal_the_stable_sort(n, m):
+    g = torch.Generator().manual_seed(2)
+    cases = [torch.rand(512, 512, generator=g),                             # whole-matrix size
+             torch.randint(0, 3, (512, 512), generator=g).float(),          # ties everywhere
+             torch.rand(2048, m, generator=g),                              # SparseGPT's per-group calls
+             torch.randint(0, 2, (1024, 4 * m), generator=g).float() * float("inf")]
+    cases[3][::3] = -0.0                                                    # inf, signed zeros
+    nan = torch.rand(256, 64, generator=g)
+    nan[3, 5] = float("nan")
+    for sc in cases + [nan]:
+        assert torch.equal(nm_mask(sc, n, m), _nm_by_sort(sc, n, m)), (tuple(sc.shape), n, m)
+
+
+def test_finite_check_by_sum_agrees_with_the_entrywise_test():
+    from stun_exp.errors import DataError
+    from stun_exp.pruning.weights.engine import check_finite
+    big = torch.full((4, 4), 3e38)                              # finite entries, the sum overflows
+    for t in (torch.randn(64, 8), big, torch.full((4, 4), 6e4, dtype=torch.float16), torch.empty(0)):
+        check_finite(t, "x")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            t = torch.randn(64, 8).to(dtype)
+            t[5, 3] = bad
+            with pytest.raises(DataError, match="non-finite"):
+                check_finite(t, "x")
+    t = torch.tensor([float("inf"), -float("inf")])            # a sum of NaN from two infinities
+    with pytest.raises(DataError):
+        check_finite(t, "x")
 
 
 def _plain_sparsegpt(w, h, s, nm, bs, percdamp=0.01):
@@ -87,6 +124,31 @@ def test_stacked_sparsegpt_equals_the_plain_loop(s, nm):
         assert torch.equal(gw, rw) and torch.equal(gm, rm)
         sw, sm = sparsegpt_prune(w, h, s, nm, 8)
         assert torch.equal(sw, rw) and torch.equal(sm, rm)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+@pytest.mark.parametrize("max_numel", [24 * 32 * 8, 24 * 32 * 3, 1])      # one stack; a pair split; singles
+def test_shared_and_consumed_hessians_give_the_plain_loop(nm, max_numel):
+    """Matrices passing the same Hessian tensor (an expert's gate and up) share one factor, also
+    across stacks; consuming the Hessians (factor written into their memory) changes no bit."""
+    g = torch.Generator().manual_seed(3)
+    grams = []
+    for _ in range(3):
+        x = torch.randn(100, 32, generator=g) * torch.rand(32, generator=g)
+        x[:, 7] = 0                                                          # a dead input
+        grams.append(x.T @ x)
+    stacked = torch.stack(grams)                                             # views, as the observer's
+    ws = [torch.randn(24, 32, generator=g) for _ in range(6)]
+    items = [(ws[i], stacked[i // 2]) for i in range(6)]                     # pairs share a Hessian
+    ref = [_plain_sparsegpt(w, h.clone(), 0.5, nm, 8) for w, h in items]
+    before = stacked.clone()
+    kept = sparsegpt_prune_many(items, 0.5, nm, blocksize=8, max_numel=max_numel)
+    assert torch.equal(stacked, before)                                      # not consumed: untouched
+    used = sparsegpt_prune_many(items, 0.5, nm, blocksize=8, max_numel=max_numel, consume_hessians=True)
+    assert not torch.equal(stacked, before)                                  # consumed: factors inside
+    for (rw, rm), (kw, km), (uw, um) in zip(ref, kept, used):
+        assert torch.equal(kw, rw) and torch.equal(km, rm)
+        assert torch.equal(uw, rw) and torch.equal(um, rm)
 
 
 FUSED = ["mixtral", "qwen3_moe", "deepseek_v2", "gpt_oss"]

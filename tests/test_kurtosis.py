@@ -12,6 +12,8 @@ from scipy import stats
 from stun_exp.analysis.kurtosis import kurtosis, kurtosis_report, pooled_kurtosis
 from stun_exp.models.adapter import Target
 
+FP32 = 1e-5   # the documented precision of float32 chunk sums (observed ~1e-7 to 1e-6)
+
 
 @pytest.mark.parametrize("dist", ["normal", "laplace", "uniform", "student"])
 @pytest.mark.parametrize("chunk", [7, 1 << 22])
@@ -22,10 +24,12 @@ def test_matches_scipy(dist: str, chunk: int) -> None:
          "uniform": lambda: torch.rand(37, 23, generator=g) * 5 - 1,
          "student": lambda: torch.distributions.StudentT(5.0).sample((37, 23))}[dist]()
     ref = stats.kurtosis(x.double().numpy().ravel(), fisher=False, bias=True)
-    assert kurtosis(x, chunk=chunk) == pytest.approx(ref, rel=1e-10)
-    assert kurtosis(x, excess=True, chunk=chunk) == pytest.approx(ref - 3.0, rel=1e-9, abs=1e-12)
+    # float32 / 16-bit weights: float32 chunk sums (documented ~1e-6); float64 weights: float64
+    assert kurtosis(x, chunk=chunk) == pytest.approx(ref, rel=FP32)
+    assert kurtosis(x, excess=True, chunk=chunk) == pytest.approx(ref - 3.0, abs=FP32 * ref)
+    assert kurtosis(x.double(), chunk=chunk) == pytest.approx(ref, rel=1e-10)
     assert kurtosis(x.to(torch.bfloat16), chunk=chunk) == pytest.approx(
-        stats.kurtosis(x.to(torch.bfloat16).double().numpy().ravel(), fisher=False), rel=1e-10)
+        stats.kurtosis(x.to(torch.bfloat16).double().numpy().ravel(), fisher=False), rel=FP32)
 
 
 def test_known_values() -> None:
@@ -39,7 +43,8 @@ def test_known_values() -> None:
 def test_pooled_is_concatenation_and_differs_from_mean() -> None:
     a, b = torch.randn(50, 8), 10 * torch.randn(30, 8)
     ref = stats.kurtosis(torch.cat([a.ravel(), b.ravel()]).double().numpy(), fisher=False)
-    assert pooled_kurtosis([a, b], chunk=13) == pytest.approx(ref, rel=1e-10)
+    assert pooled_kurtosis([a, b], chunk=13) == pytest.approx(ref, rel=FP32)
+    assert pooled_kurtosis([a.double(), b.double()], chunk=13) == pytest.approx(ref, rel=1e-10)
     # pooling matrices of different variance inflates kurtosis over the mean of the parts
     assert pooled_kurtosis([a, b]) > (kurtosis(a) + kurtosis(b)) / 2 + 1.0
 
@@ -49,6 +54,8 @@ def test_nonzero_only() -> None:
     masked = x * (torch.rand(40, 40) > 0.5)
     nz = masked[masked != 0].double().numpy()
     assert kurtosis(masked, nonzero_only=True, chunk=11) == pytest.approx(
+        stats.kurtosis(nz, fisher=False), rel=FP32)
+    assert kurtosis(masked.double(), nonzero_only=True, chunk=11) == pytest.approx(
         stats.kurtosis(nz, fisher=False), rel=1e-10)
     # zeros (a spike at 0) change the value: the labelled option exists for a reason
     assert abs(kurtosis(masked) - kurtosis(masked, nonzero_only=True)) > 0.3
@@ -114,7 +121,7 @@ def test_report_on_real_adapter() -> None:
     assert len(experts) == 2 * 8 * 3
     w = ad.expert(0, 3)["down"]
     row = next(r for r in experts if r["layer"] == 0 and r["expert"] == 3 and r["matrix"] == "down")
-    assert row["kurtosis"] == pytest.approx(stats.kurtosis(w.double().numpy().ravel(), fisher=False), rel=1e-9)
+    assert row["kurtosis"] == pytest.approx(stats.kurtosis(w.double().numpy().ravel(), fisher=False), rel=FP32)
     pooled0 = torch.cat([ad.expert(0, e)[m].reshape(-1) for e in range(8) for m in ("gate", "up", "down")])
     assert rep["per_layer"]["0"]["expert_pooled"] == pytest.approx(
-        stats.kurtosis(pooled0.double().numpy(), fisher=False), rel=1e-9)
+        stats.kurtosis(pooled0.double().numpy(), fisher=False), rel=FP32)

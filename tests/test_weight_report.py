@@ -23,7 +23,9 @@ def _same(a, b):
         for x, y in zip(a, b):
             _same(x, y)
     elif isinstance(a, float):
-        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-9, abs=1e-12)
+        # float32 chunk sums: another chunking rounds differently (documented precision ~1e-6 of
+        # the kurtosis, so excess values near 0 get an absolute bound)
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-5, abs=1e-4)
     else:
         assert a == b
 

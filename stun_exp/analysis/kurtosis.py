@@ -7,9 +7,12 @@ Definitions (libraries differ, so both are always reported)::
     excess (Fisher) kurtosis  k_ex = k - 3         (= scipy.stats.kurtosis(fisher=True, bias=True))
 
 Moments are combinable (n, mean, M2, M3, M4 of centred sums; Pebay 2008, the pairwise update of
-Chan et al. extended to the 3rd and 4th moments): each chunk of a weight is read ONCE, centred on
-its own mean in float64 (chunks small enough to stay in cache), and chunks, matrices, layers and
-the whole model are merged from those summaries. Pooled figures therefore cost no extra pass.
+Chan et al. extended to the 3rd and 4th moments): each chunk of a weight is read ONCE and centred
+on its own mean, and chunks, matrices, layers and the whole model are merged from those summaries
+in float64. Pooled figures therefore cost no extra pass. Precision: a chunk's sums are taken in
+float32 for float32 / 16-bit weights (float64 for float64 weights), in 1 MB chunks: the kurtosis
+then agrees with a float64 computation to ~1e-6 relative (tested <= 1e-5), at about half the
+cost of float64 chunks (the analysis runs twice per run, beside a pruning stage of seconds).
 
 Granularity (STUN's released code has no kurtosis computation and the paper's convention was not
 published; this is our stated default):
@@ -31,10 +34,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-# entries per float64 chunk: 256 KiB stays in cache, and a chunk no larger than torch's parallel grain
-# (32768) runs each op in one thread, which is as fast here and immune to thread oversubscription
-CHUNK = 1 << 18   # 2 MB float64 buffers: big enough that per-chunk Python work is negligible
-CONVENTION = "plain = m4/m2^2 (normal = 3); excess = plain - 3; fp64 combinable central moments"
+CHUNK = 1 << 18   # entries per chunk (1 MB of float32): big enough that per-chunk Python work is negligible
+CONVENTION = ("plain = m4/m2^2 (normal = 3); excess = plain - 3; combinable central moments "
+              "(fp32 chunk sums, fp64 merges)")
 
 
 @dataclass(frozen=True)
@@ -71,21 +73,21 @@ class Moments:
 
 
 def chunk_moments(c: torch.Tensor, zeros: int = 0, scratch: Optional[torch.Tensor] = None) -> Moments:
-    """Moments of one float64 chunk, centred on its own mean (``c`` is overwritten).
+    """Moments of one chunk (float32 or float64; ``c`` is not modified), centred on its own mean.
 
     ``zeros`` > 0: the moments of the chunk WITHOUT that many of its entries that are exactly 0
     (the non-zero entries, when ``zeros`` counts all of them). Each removed zero contributed
     (0 - mean)^p to the centred sums, so it is subtracted, which avoids a gather of the
-    non-zero entries. ``scratch``: a float64 buffer [2, >= c's size], reused across chunks.
+    non-zero entries. ``scratch``: a buffer [2, >= c's size] of c's dtype, reused across chunks.
     """
     n = c.numel() - zeros
     if n <= 0:
         return Moments()
     if scratch is None:
-        scratch = torch.empty(2, c.numel(), dtype=torch.float64, device=c.device)
-    d2 = scratch[0, :c.numel()]
+        scratch = torch.empty(2, c.numel(), dtype=c.dtype, device=c.device)
+    d, d2 = scratch[0, :c.numel()], scratch[1, :c.numel()]
     mu = float(c.sum()) / n
-    d = c.sub_(mu)
+    torch.sub(c, mu, out=d)
     torch.mul(d, d, out=d2)
     # dot products (BLAS, no temporaries) instead of elementwise products then sums
     m2, m3, m4 = float(d2.sum()), float(torch.dot(d2, d)), float(torch.dot(d2, d2))
@@ -95,20 +97,28 @@ def chunk_moments(c: torch.Tensor, zeros: int = 0, scratch: Optional[torch.Tenso
 
 
 class ChunkReader:
-    """Float64 copies of successive chunks of flat tensors in reused buffers (fresh large
-    allocations page-fault on every chunk)."""
+    """Reused chunk buffers (fresh large allocations page-fault on every chunk): float32 work for
+    float32 and 16-bit weights (16-bit chunks are widened into a buffer first), float64 for float64."""
 
     def __init__(self, chunk: int, device: torch.device | str = "cpu") -> None:
-        self.chunk = chunk
-        self.buf = torch.empty(chunk, dtype=torch.float64, device=device)
-        self.scratch = torch.empty(2, chunk, dtype=torch.float64, device=device)
+        self.chunk, self.device = chunk, torch.device(device)
+        self.bufs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _buffers(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device != self.device:
+            self.device, self.bufs = device, {}
+        if dtype not in self.bufs:
+            self.bufs[dtype] = (torch.empty(self.chunk, dtype=dtype, device=device),
+                                torch.empty(2, self.chunk, dtype=dtype, device=device))
+        return self.bufs[dtype]
 
     def moments(self, part: torch.Tensor, zeros: int = 0) -> Moments:
-        if part.device != self.buf.device:
-            self.buf, self.scratch = self.buf.to(part.device), self.scratch.to(part.device)
-        c = self.buf[:part.numel()]
-        c.copy_(part)
-        return chunk_moments(c, zeros, self.scratch)
+        work = torch.float64 if part.dtype == torch.float64 else torch.float32
+        buf, scratch = self._buffers(work, part.device)
+        if part.dtype != work:
+            buf[:part.numel()].copy_(part)
+            part = buf[:part.numel()]
+        return chunk_moments(part, zeros, scratch)
 
 
 def tensor_moments(t: torch.Tensor, nonzero_only: bool = False, chunk: int = CHUNK,

@@ -9,7 +9,8 @@ Rules follow the reference code (locuslab/wanda ``lib/prune.py``):
   than floor(numel * s) (plus ties). Difference from the code: s == 0 prunes nothing here (the
   code would still prune the minimum).
 * ``nm_mask``: in each row, every group of M consecutive input columns loses its N lowest scores
-  (stable within the group; the reference uses topk, whose tie order is unspecified).
+  (stable within the group; the reference uses topk, whose tie order is unspecified). Found by
+  pairwise ranks for small M (the same set as the stable sort, without sorting).
 """
 from __future__ import annotations
 
@@ -82,14 +83,42 @@ def threshold_mask(score: Tensor, sparsity: float) -> Tensor:
 
 
 def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
-    """Prune the n lowest scores in every group of m consecutive input columns of each row."""
+    """Prune the n lowest scores in every group of m consecutive input columns of each row.
+
+    The set is a stable sort's first n of each group. For m <= 4, and m <= 8 on whole matrices,
+    it comes from pairwise ranks instead (m - 1 comparisons per entry, no sort): 2-4x faster on
+    CPU, the same set (tested equal, ties included). Tiny or NaN scores take the sort.
+    """
     rows, cols = score.shape
     if cols % m:
         raise ValueError(f"N:M {n}:{m} needs the input width ({cols}) to be a multiple of {m}")
     groups = score.reshape(rows, cols // m, m)
+    size = score.numel()
+    if size >= _RANK_MIN and (m <= 4 or (m <= 8 and size >= _RANK8_MIN)) and not torch.isnan(score.sum()):
+        return (_stable_ranks(groups) < n).reshape(rows, cols)
     idx = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
     return mask.reshape(rows, cols)
+
+
+# below these sizes the per-comparison overhead costs more than the sort (measured on CPU)
+_RANK_MIN, _RANK8_MIN = 1 << 12, 1 << 18
+
+
+def _stable_ranks(groups: Tensor) -> Tensor:
+    """Each entry's position in a stable ascending sort of its group (last dim), as int8:
+    the entries before it in the group that are <= it, plus the entries after it that are < it."""
+    m = groups.shape[-1]
+    cols = [groups[..., i] for i in range(m)]
+    ranks = []
+    for i in range(m):
+        r = None
+        for j in range(m):
+            if j != i:
+                below = cols[j] <= cols[i] if j < i else cols[j] < cols[i]
+                r = below.to(torch.int8) if r is None else r.add_(below)
+        ranks.append(r)
+    return torch.stack(ranks, dim=-1)
 
 
 def select_mask(score: Tensor, sparsity: float, group: str = "row",

@@ -190,9 +190,11 @@ class UnstructuredPruner:
         if self.update != "sparsegpt" or stats is None or not (s > 0 or nm is not None):
             return set()
         todo = [t for t in targets if stats.get(t.name) is not None and stats[t.name].ntokens > 0]
+        # the Hessians are this layer's statistics, dropped after it: their memory holds the factors
         for i, (new, _) in iter_sparsegpt([(t.weight, stats[t.name].gram) for t in todo], s, nm,
-                                          self.blocksize, self.percdamp):
+                                          self.blocksize, self.percdamp, consume_hessians=True):
             todo[i].weight.copy_(new.to(todo[i].weight.dtype))
+            del new, _     # views of the whole stack: keep it from living on while the next is built
         return {t.name for t in todo}
 
     @torch.no_grad()

@@ -25,16 +25,55 @@ from torch import Tensor
 
 from stun_exp.pruning.weights.masks import nm_mask
 
+# weight entries per stack: 32 MB of fp32 weights (+ mask and block buffers); larger stacks save
+# little per-column Python time and raise the peak memory of the layer
+MAX_STACK_NUMEL = 1 << 23
 
-def _inverse_factor(h: Tensor, w: Tensor, percdamp: float) -> Tensor:
-    """Prepare H (dead inputs, dampening) and return the upper Cholesky factor of H^-1."""
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    damp = percdamp * torch.mean(torch.diagonal(h))
-    h += damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(hinv, upper=True)
+
+def _inverse_factor(h: Tensor, percdamp: float, consume: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(upper Cholesky factor of the prepared H^-1, dead-input mask). H is prepared (dead inputs,
+    dampening) on a copy, or, with ``consume``, in place, and the factor is then written into H's
+    own memory with the factor's strides (the same values and layout, so the same BLAS products):
+    the factors then cost no memory beyond the Hessians that exist anyway."""
+    own = h.detach().to(device, torch.float32)
+    if not consume and own.data_ptr() == h.data_ptr():
+        own = own.clone()
+    dead = torch.diagonal(own) == 0
+    own[dead, dead] = 1.0
+    own += percdamp * torch.mean(torch.diagonal(own)) * torch.eye(own.shape[0], dtype=own.dtype,
+                                                                   device=own.device)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(own)), upper=True)
+    if consume and own.is_contiguous() and (u.is_contiguous() or u.mT.is_contiguous()):
+        u = own.as_strided(u.shape, u.stride()).copy_(u)
+    return u, dead
+
+
+class _Factors:
+    """One factor per distinct Hessian of a call: matrices fed by the same inputs (an expert's gate
+    and up projections) pass the same tensor, factored once; each is dropped after its last use."""
+
+    def __init__(self, hessians: Sequence[Tensor], percdamp: float, consume: bool) -> None:
+        self.percdamp, self.consume = percdamp, consume
+        self.uses: dict[tuple, int] = {}
+        for h in hessians:
+            self.uses[self._key(h)] = self.uses.get(self._key(h), 0) + 1
+        self.done: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    @staticmethod
+    def _key(h: Tensor) -> tuple:
+        return h.device, h.data_ptr(), tuple(h.shape), tuple(h.stride())
+
+    def take(self, h: Tensor, w: Tensor) -> Tensor:
+        """The factor for ``h``; zeroes the dead-input columns of ``w`` (one matrix)."""
+        key = self._key(h)
+        if key not in self.done:
+            self.done[key] = _inverse_factor(h, self.percdamp, self.consume, w.device)
+        u, dead = self.done[key]
+        self.uses[key] -= 1
+        if not self.uses[key]:
+            del self.done[key]
+        w[:, dead] = 0.0
+        return u
 
 
 @torch.no_grad()
@@ -49,42 +88,48 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, sparsity: float,
 @torch.no_grad()
 def sparsegpt_prune_many(items: Sequence[tuple[Tensor, Tensor]], sparsity: float,
                          nm: tuple[int, int] | None = None, blocksize: int = 128,
-                         percdamp: float = 0.01, max_numel: int = 1 << 26) -> list[tuple[Tensor, Tensor]]:
+                         percdamp: float = 0.01, max_numel: int = MAX_STACK_NUMEL,
+                         consume_hessians: bool = False) -> list[tuple[Tensor, Tensor]]:
     """``sparsegpt_prune`` of each (weight, hessian), equal bit for bit to one call per matrix."""
-    out = dict(iter_sparsegpt(items, sparsity, nm, blocksize, percdamp, max_numel))
+    out = dict(iter_sparsegpt(items, sparsity, nm, blocksize, percdamp, max_numel, consume_hessians))
     return [out[i] for i in range(len(items))]
 
 
 @torch.no_grad()
 def iter_sparsegpt(items: Sequence[tuple[Tensor, Tensor]], sparsity: float,
                    nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01,
-                   max_numel: int = 1 << 26) -> Iterator[tuple[int, tuple[Tensor, Tensor]]]:
+                   max_numel: int = MAX_STACK_NUMEL, consume_hessians: bool = False
+                   ) -> Iterator[tuple[int, tuple[Tensor, Tensor]]]:
     """Yield (index, (weight, mask)) as ``sparsegpt_prune`` would return them, stack by stack
     (grouped by shape, so not necessarily in index order).
 
-    Matrices of one shape are stacked (in their order; at most ``max_numel`` weight entries per
-    stack, so memory stays bounded) and their column loops run together: every step is elementwise
+    ``consume_hessians``: the Hessians are overwritten by their factors (the caller drops them
+    afterwards); otherwise they are left as they were.
+
+    Matrices of one shape are stacked (in their order; stacks of balanced sizes with at most
+    ``max_numel`` weight entries, or one matrix, so memory stays bounded) and their column loops run together: every step is elementwise
     per matrix, or a per-matrix selection / matrix product, so stacking changes no value, only the
     per-column Python cost (the experts of an MoE layer share shapes).
     """
+    factors = _Factors([h for _, h in items], percdamp, consume_hessians)
     groups: dict[tuple, list[int]] = {}
     for i, (w, _) in enumerate(items):
         groups.setdefault(tuple(w.shape), []).append(i)
     for idx in groups.values():
-        per = max(1, max_numel // max(items[idx[0]][0].numel(), 1))
+        stacks = -(-len(idx) * items[idx[0]][0].numel() // max(max_numel, 1))    # ceil: balanced sizes
+        per = max(1, -(-len(idx) // max(stacks, 1)))
         for a in range(0, len(idx), per):
             part = idx[a:a + per]
-            yield from zip(part, _prune_stack([items[i] for i in part], sparsity, nm, blocksize, percdamp))
+            yield from zip(part, _prune_stack([items[i] for i in part], sparsity, nm, blocksize, factors))
 
 
 def _prune_stack(items: Sequence[tuple[Tensor, Tensor]], sparsity: float, nm: tuple[int, int] | None,
-                 blocksize: int, percdamp: float) -> list[tuple[Tensor, Tensor]]:
+                 blocksize: int, cache: _Factors) -> list[tuple[Tensor, Tensor]]:
     w = torch.stack([wt.detach().float() for wt, _ in items])                       # [E, rows, cols]
-    # the factors as LAPACK returns them (their memory layout picks the BLAS path of the lazy
-    # update product below, so they are kept); each block's diagonal tiles are stacked for the
-    # elementwise column loop (a stacked copy of the whole factors would double their memory)
-    factors = [_inverse_factor(h.detach().to(w.device, torch.float32).clone(), w[e], percdamp)
-               for e, (_, h) in enumerate(items)]
+    # the factors in LAPACK's memory layout (it picks the BLAS path of the lazy update product
+    # below, so it is kept); each block's diagonal tiles are stacked for the elementwise column
+    # loop (a stacked copy of the whole factors would double their memory)
+    factors = [cache.take(h, w[e]) for e, (_, h) in enumerate(items)]
     n_mat, rows, cols = w.shape
     if nm is not None and (blocksize % nm[1] or cols % nm[1]):
         raise ValueError(f"N:M {nm} needs blocksize ({blocksize}) and width ({cols}) divisible by M")
