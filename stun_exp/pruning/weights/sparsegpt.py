@@ -107,9 +107,10 @@ def iter_sparsegpt(items: Sequence[tuple[Tensor, Tensor]], sparsity: float,
     afterwards); otherwise they are left as they were.
 
     Matrices of one shape are stacked (in their order; stacks of balanced sizes with at most
-    ``max_numel`` weight entries, or one matrix, so memory stays bounded) and their column loops run together: every step is elementwise
-    per matrix, or a per-matrix selection / matrix product, so stacking changes no value, only the
-    per-column Python cost (the experts of an MoE layer share shapes).
+    ``max_numel`` weight entries, or one matrix, so memory stays bounded) and their column loops
+    run together: every step is elementwise per matrix, or a per-matrix selection / matrix
+    product, so stacking changes no value, only the per-column Python cost (the experts of an MoE
+    layer share shapes).
     """
     factors = _Factors([h for _, h in items], percdamp, consume_hessians)
     groups: dict[tuple, list[int]] = {}
