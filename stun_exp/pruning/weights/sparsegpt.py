@@ -25,9 +25,9 @@ from torch import Tensor
 
 from stun_exp.pruning.weights.masks import nm_mask
 
-# weight entries per stack: 32 MB of fp32 weights (+ mask and block buffers); larger stacks save
+# weight entries per stack: 16 MB of fp32 weights (+ mask and block buffers); larger stacks save
 # little per-column Python time and raise the peak memory of the layer
-MAX_STACK_NUMEL = 1 << 23
+MAX_STACK_NUMEL = 1 << 22
 
 
 def _inverse_factor(h: Tensor, percdamp: float, consume: bool, device: torch.device) -> tuple[Tensor, Tensor]:
