@@ -11,8 +11,10 @@ Chan et al. extended to the 3rd and 4th moments): each chunk of a weight is read
 on its own mean, and chunks, matrices, layers and the whole model are merged from those summaries
 in float64. Pooled figures therefore cost no extra pass. Precision: a chunk's sums are taken in
 float32 for float32 / 16-bit weights (float64 for float64 weights), in 1 MB chunks: the kurtosis
-then agrees with a float64 computation to ~1e-6 relative (tested <= 1e-5), at about half the
-cost of float64 chunks (the analysis runs twice per run, beside a pruning stage of seconds).
+then agrees with a float64 computation to a few 1e-6 relative (worst 3e-6 over the matrices of a
+random 65 M-parameter Mixtral, dense and half-zero; tests allow 1e-5), at about half the cost of
+float64 chunks (the analysis runs twice per run, beside a pruning stage of seconds). Larger
+chunks are faster still but less precise (1.4e-5 at 4 MB).
 
 Granularity (STUN's released code has no kurtosis computation and the paper's convention was not
 published; this is our stated default):
