@@ -10,7 +10,6 @@ gives the same bytes on the same matplotlib.
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 from typing import Any
 
