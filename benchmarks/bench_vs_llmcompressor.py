@@ -10,7 +10,11 @@ load hits both tools alike; medians over ``--repeats``.
 
 Printed per (shape, method, pattern), for each tool: pruning stage, model load, analysis, whole
 process (wall time of the subprocess), peak RSS, achieved sparsity over the pruned matrices, and
-the layer-output reconstruction error; then the ratios stun-exp / llm-compressor. Both pruned
+the layer-output reconstruction error; then the ratios stun-exp / llm-compressor, and stun-exp's
+analysis time as a share of its pruning stage twice: on the first repeat of a case (its cache is
+emptied before each case, so that run reads the dense model: census and kurtosis before pruning,
+then the pruned model after) and on the later repeats (the dense analysis from the per-checkpoint
+cache, only the pruned model read), as a sweep over one checkpoint sees it. Both pruned
 checkpoints are scored by the SAME code here (a faster answer cannot be a worse one): each
 decoder layer of the pruned model gets the DENSE model's inputs to that layer (calibration tokens)
 and the error is ||y_pruned - y_dense||^2 / ||y_dense||^2, averaged over layers.
@@ -226,7 +230,8 @@ def run_stun(model_dir: Path, calib: Path, method: str, pattern: str, run_dir: P
     t = r["timings"]
     analysis = sum(t.get(k, 0.0) for k in ("dense_analysis", "analyse_after_expert", "analyse"))
     return {"prune": t["unstructured_pruning"], "model": t["model"], "analysis": analysis, "whole": wall,
-            "peak_rss_mb": r["memory"]["peak_rss_mb"], "checkpoint": str(run_dir / "checkpoint")}
+            "peak_rss_mb": r["memory"]["peak_rss_mb"], "checkpoint": str(run_dir / "checkpoint"),
+            "dense_cache": r["dense_analysis"]["cache"]}
 
 
 _SHAPE_CACHE: dict = {}
@@ -246,7 +251,7 @@ def run_llmc(py: Path, model_dir: Path, calib: Path, method: str, pattern: str, 
     stdout, wall = sh([str(py), str(script), str(model_dir), str(calib), method, pattern, str(out)], env=env)
     r = bench_json(stdout)
     return {"prune": r["prune"], "model": r["model"], "analysis": 0.0, "whole": wall, "import": r["import"],
-            "peak_rss_mb": r["peak_rss_mb"], "checkpoint": str(out)}
+            "peak_rss_mb": r["peak_rss_mb"], "checkpoint": str(out), "dense_cache": "-"}
 
 
 def med(rows: list[dict], key: str) -> float:
@@ -276,7 +281,9 @@ def main() -> None:
         args.shapes, args.patterns, args.repeats = ["small"], ["50%"], 1
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cache = work / "stun_exp_cache"      # stun-exp's dense-analysis cache, emptied before each case
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "STUN_EXP_CACHE": str(cache)}
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     py = ensure_venv(Path(args.venv), args.torch, args.llmc, args.torch_index)
@@ -294,6 +301,7 @@ def main() -> None:
             for pattern in args.patterns:
                 tag = f"{shape}/{method}/{pattern}"
                 rows: dict[str, list[dict]] = {"stun-exp": [], "llm-compressor": []}
+                shutil.rmtree(cache, ignore_errors=True)     # stun-exp's first repeat reads the dense model
                 for r in range(args.repeats):
                     order = ["stun-exp", "llm-compressor"] if r % 2 == 0 else ["llm-compressor", "stun-exp"]
                     for tool in order:
@@ -312,10 +320,20 @@ def main() -> None:
                     sc = scores[rows[tool][0]["checkpoint"]]
                     table.append({"case": tag, "tool": tool, **{k: med(rows[tool], k) for k in
                                   ("prune", "model", "analysis", "whole", "peak_rss_mb")},
-                                  "sparsity": sc["sparsity"], "layer_err": sc["layer_err"], "n": len(rows[tool])})
+                                  "sparsity": sc["sparsity"], "layer_err": sc["layer_err"], "n": len(rows[tool]),
+                                  **analysis_split(rows[tool])})
                 report(table[-2:])
     print("\nall cases (medians):")
     report(table)
+
+
+def analysis_split(rows: list[dict]) -> dict:
+    """stun-exp's analysis seconds on its first run of the case (the dense model read: a cache miss)
+    and the median over later runs (dense analysis from the cache); None where there is none."""
+    first = [r["analysis"] for r in rows if r["dense_cache"] == "miss"]
+    hits = [r["analysis"] for r in rows if r["dense_cache"] == "hit"]
+    return {"analysis_first": first[0] if first else None,
+            "analysis_cached": statistics.median(hits) if hits else None}
 
 
 def report(table: list[dict]) -> None:
@@ -334,6 +352,10 @@ def report(table: list[dict]) -> None:
             print(f"{case:24} ratio stun-exp/llm-compressor: prune {a['prune'] / b['prune']:.2f}, "
                   f"whole {a['whole'] / b['whole']:.2f}, peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}, "
                   f"layer err {a['layer_err'] / max(b['layer_err'], 1e-30):.3f}")
+            share = {k: f"{a[k]:.2f} s = {100 * a[k] / a['prune']:.1f} %" if a.get(k) is not None else "n/a"
+                     for k in ("analysis_first", "analysis_cached")}
+            print(f"{case:24} stun-exp analysis / its pruning stage: first run {share['analysis_first']}, "
+                  f"dense analysis cached {share['analysis_cached']}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     validate   values, files, datasets, sizes (before anything loads); the sparsity knob that applies
     resume     a finished identical run is skipped (``resume=true``), a finished folder is never reused
     model      the runtime loads the tokenizer, the calibration set, then the model
-    dense      census, kurtosis and the dense baseline (cached per model + eval for the toy)
+    dense      census, kurtosis (cached per checkpoint) and the dense baseline (cached per model + eval for the toy)
     expert     the expert pruner's plan (by what it needs), applied by surgery
     unstructured   the unstructured pruner on the sequential layer engine the runtime provides
     distill    optional expert-wise distillation (in memory)
@@ -108,6 +108,20 @@ def dense_metrics(cfg: DictConfig, rt: Runtime) -> dict[str, Any]:
     if cache:
         atomic_write_json(cache, metrics)
     return metrics
+
+
+def dense_analysis(cfg: DictConfig, rt: Runtime) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The dense model's census and kurtosis, read once per checkpoint (``analysis.dense_cache``)."""
+    from stun_exp.analysis import dense_cache
+
+    def compute() -> dict[str, Any]:
+        rep = rt.weight_report(digest=False)
+        return {"census": rep["census"], "kurtosis": rep["kurtosis"]}
+    if not cfg.analysis_cache:
+        return dense_cache.cached_report(None, None, compute)
+    key = dense_cache.cache_key(rt.source, OmegaConf.to_container(cfg.model, resolve=True), str(rt.dtype),
+                                rt.device.type, rt.name)
+    return dense_cache.cached_report(dense_cache.default_cache_dir(), key, compute)
 
 
 def stage_expert(cfg: DictConfig, ctx: RunContext, rt: Runtime, run_dir: Optional[Path]) -> dict[str, Any]:
@@ -224,7 +238,7 @@ def _stages(cfg: DictConfig, rt: Runtime, device: torch.device, run_dir: Optiona
         else None
     targeted = pruner.is_targeted if pruner is not None else None
     with timer.stage("dense_analysis"):
-        rep = rt.weight_report(digest=False)
+        rep, dense_cache = dense_analysis(cfg, rt)
         dense_census, kurt = rep["census"], {"dense": rep["kurtosis"], "after_expert": None}
     with timer.stage("dense_eval"):
         dense = dense_metrics(cfg, rt)
@@ -252,6 +266,7 @@ def _stages(cfg: DictConfig, rt: Runtime, device: torch.device, run_dir: Optiona
         "complete": False, "config_hash": chash, "seed": int(cfg.seed), "runtime": rt.name,
         "config": run_record.resolved_dict(cfg), "dense_metrics": dense, "metrics": {},
         "sparsity": sp, "census": {"dense": dense_census, "pruned": now}, "mask_digest": digest,
+        "dense_analysis": dense_cache,
         "sparsity_applied": applied_sparsity(request, unstructured, sp),
         "expert_pruning": expert, "unstructured_pruning": unstructured, "distill": distill, "kurtosis": kurt,
     }

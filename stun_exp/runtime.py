@@ -29,6 +29,9 @@ class Runtime(Protocol):
     adapter: Any
     tokenizer: Any
     model_dir: Optional[Path]       # the toy's folder (task files, dense-eval cache), else None
+    source: str                     # the checkpoint read (a local folder or a Hub id)
+    dtype: torch.dtype
+    device: torch.device
 
     def bind(self, run_dir: Optional[Path]) -> None: ...
     def load_tokenizer(self) -> Any: ...

@@ -12,6 +12,7 @@ The outputs have the shapes of ``sparsity.census``, ``kurtosis.kurtosis_report``
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any, Callable, Optional
 
@@ -21,11 +22,12 @@ from stun_exp.analysis import kurtosis as K
 from stun_exp.analysis import sparsity as S
 
 
-def _zeros(part: torch.Tensor, digest: Optional[Any]) -> int:
-    """Zero count of a flat chunk; its zero bits go to ``digest`` (numpy is the fast path on CPU)."""
+def _zeros(part: torch.Tensor, digest: Optional[Any], buf: Any) -> int:
+    """Zero count of a flat chunk; its zero bits go to ``digest`` (numpy is the fast path on CPU;
+    ``buf``: a reused numpy bool array of at least the chunk's size, as a fresh one page-faults)."""
     import numpy as np
     if part.device.type == "cpu" and part.dtype in (torch.float32, torch.float16, torch.float64):
-        z = part.numpy() == 0
+        z = np.equal(part.numpy(), 0, out=buf[:part.numel()])
         if digest is not None:
             digest.update(np.packbits(z).tobytes())
         return int(np.count_nonzero(z))
@@ -36,15 +38,15 @@ def _zeros(part: torch.Tensor, digest: Optional[Any]) -> int:
     return int(np.count_nonzero(z))
 
 
-def _scan(w: torch.Tensor, nonzero_only: bool, reader: K.ChunkReader,
-          digest: Optional[Any]) -> tuple[int, K.Moments]:
+def _scan(w: torch.Tensor, nonzero_only: bool, reader: K.ChunkReader, digest: Optional[Any],
+          buf: Any) -> tuple[int, K.Moments]:
     """(non-zero count, moments) of one weight; feeds its zero bits to ``digest`` (when given)."""
     flat, acc, zeros, chunk = w.detach().reshape(-1), K.Moments(), 0, reader.chunk
+    count = functools.partial(_zeros, digest=digest, buf=buf)
     for i in range(0, flat.numel(), chunk):
         part = flat[i:i + chunk]
-        z = _zeros(part, digest)
-        zeros += z
-        acc = acc + reader.moments(part, z if nonzero_only else 0)
+        z, mom = reader.moments(part, count, nonzero_only)
+        zeros, acc = zeros + z, acc + mom
     return flat.numel() - zeros, acc
 
 
@@ -55,13 +57,14 @@ def weight_report(model: torch.nn.Module, adapter: Any, nonzero_only: bool = Fal
     given). ``digest=False`` skips the zero-pattern hash (``mask_digest`` is then None)."""
     chunk = max(8, chunk - chunk % 8)
     h = hashlib.sha256() if digest else None
-    reader = K.ChunkReader(chunk)
+    import numpy as np
+    reader, buf = K.ChunkReader(chunk), np.empty(chunk, dtype=bool)
     counts, rows = [], []
     for l in range(len(adapter.layers)):
         for t in adapter.linear_targets(l):
             if h is not None:
                 h.update(f"{l}:{t.name}:{tuple(t.weight.shape)}".encode())
-            nz, mom = _scan(t.weight, nonzero_only, reader, h)
+            nz, mom = _scan(t.weight, nonzero_only, reader, h, buf)
             counts.append((l, t, t.weight.numel(), nz))
             rows.append((l, t, mom))
     out = {"census": S.census_from_counts(model, adapter, counts),

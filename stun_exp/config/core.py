@@ -166,6 +166,7 @@ class RootConfig(Validatable):
     device: str = "cpu"
     save_checkpoint: bool = False
     dense_baseline: bool = True
+    analysis_cache: bool = True
     resume: bool = False
     out_root: str = "outputs"
 
