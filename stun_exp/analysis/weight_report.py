@@ -50,6 +50,15 @@ def _scan(w: torch.Tensor, nonzero_only: bool, reader: K.ChunkReader, digest: Op
     return flat.numel() - zeros, acc
 
 
+def scan_target(l: int, t: Any, nonzero_only: bool, reader: K.ChunkReader, digest: Optional[Any],
+                buf: Any) -> tuple[int, K.Moments]:
+    """(non-zero count, moments) of target ``t`` of layer ``l``; its header and zero bits go to
+    ``digest`` (when given) as ``sparsity.digest_layer`` writes them."""
+    if digest is not None:
+        digest.update(f"{l}:{t.name}:{tuple(t.weight.shape)}".encode())
+    return _scan(t.weight, nonzero_only, reader, digest, buf)
+
+
 def weight_report(model: torch.nn.Module, adapter: Any, nonzero_only: bool = False,
                   is_targeted: Optional[Callable[[Any], bool]] = None, digest: bool = True,
                   chunk: int = K.CHUNK) -> dict[str, Any]:
@@ -62,9 +71,7 @@ def weight_report(model: torch.nn.Module, adapter: Any, nonzero_only: bool = Fal
     counts, rows = [], []
     for l in range(len(adapter.layers)):
         for t in adapter.linear_targets(l):
-            if h is not None:
-                h.update(f"{l}:{t.name}:{tuple(t.weight.shape)}".encode())
-            nz, mom = _scan(t.weight, nonzero_only, reader, h, buf)
+            nz, mom = scan_target(l, t, nonzero_only, reader, h, buf)
             counts.append((l, t, t.weight.numel(), nz))
             rows.append((l, t, mom))
     out = {"census": S.census_from_counts(model, adapter, counts),

@@ -24,10 +24,12 @@ class LayerCensus:
         self.per_layer: dict[int, dict[str, int]] = {}
         self.experts: dict[int, int] = {}
 
-    def add_layer(self, adapter: Any, l: int) -> None:
+    def add_counts(self, adapter: Any, l: int, counts: list[tuple[int, Any, int, int]]) -> None:
+        """Layer l from its targets' (layer, target, numel, nonzero) counts already taken; the layer's
+        other parameters are counted here (storages the targets tile exactly reuse their counts)."""
+        from ..analysis.sparsity import _all_nonzero
         c = self.c
-        for t in adapter.linear_targets(l):
-            n, z = t.weight.numel(), _nz(t.weight)
+        for _, t, n, z in counts:
             c["dec_numel"] += n
             c["dec_nz"] += z
             if t.kind == "expert":
@@ -39,9 +41,8 @@ class LayerCensus:
             if self.is_targeted is not None and self.is_targeted(t):
                 c["tgt_numel"] += n
                 c["tgt_zeros"] += n - z
-        for p in adapter.layers[l].parameters():
-            c["layer_numel"] += p.numel()
-            c["layer_nz"] += _nz(p.data)
+        c["layer_numel"] += sum(p.numel() for p in adapter.layers[l].parameters())
+        c["layer_nz"] += _all_nonzero(adapter.layers[l], counts)
         if l in adapter.moe_layers:
             self.experts[l] = adapter.num_experts(l)
 
@@ -78,24 +79,27 @@ class LayerReport:
                  digest: bool = True) -> None:
         import hashlib
 
+        import numpy as np
+
         from ..analysis.kurtosis import ChunkReader, CHUNK
         self.census = LayerCensus(is_targeted)
         self.nonzero_only = nonzero_only
         self.rows: list[tuple[int, Any, Any]] = []
         self.digest = hashlib.sha256() if digest else None
-        self.reader = ChunkReader(CHUNK)
+        self.reader, self.buf = ChunkReader(CHUNK), np.empty(CHUNK, dtype=bool)
 
     def add_layer(self, adapter: Any, l: int) -> None:
+        """One read of each of the layer's weights (``analysis.weight_report``'s scan: zero count,
+        zero bits for the digest, moments), as the in-memory runtime reads the whole model."""
         from dataclasses import replace
 
-        from ..analysis.kurtosis import CHUNK, tensor_moments
-        from ..analysis.sparsity import digest_layer
-        self.census.add_layer(adapter, l)
-        if self.digest is not None:
-            digest_layer(self.digest, adapter, l)
+        from ..analysis.weight_report import scan_target
+        counts = []
         for t in adapter.linear_targets(l):
-            mom = tensor_moments(t.weight, self.nonzero_only, CHUNK, self.reader)
+            nz, mom = scan_target(l, t, self.nonzero_only, self.reader, self.digest, self.buf)
+            counts.append((l, t, t.weight.numel(), nz))
             self.rows.append((l, replace(t, weight=torch.empty(0), module=None), mom))
+        self.census.add_counts(adapter, l, counts)
 
     def finish(self, model: nn.Module, adapter: Any) -> dict[str, Any]:
         from ..analysis.kurtosis import report_from_moments
