@@ -60,7 +60,7 @@ def census_from_counts(model: torch.nn.Module, adapter: Any,
             pl["expert_numel"] += n
             pl["expert_nz"] += z
     all_numel = sum(p.numel() for p in model.parameters())
-    all_nz = _all_nonzero(model, counts)
+    all_nz = all_nonzero(model, counts)
     # zero_output surgery keeps the pruned experts' slots (router untouched): they are not experts
     experts = {l: adapter.num_experts(l) - len(_zeroed(adapter, l)) for l in adapter.moe_layers}
     k = adapter.top_k
@@ -76,7 +76,7 @@ def census_from_counts(model: torch.nn.Module, adapter: Any,
     }
 
 
-def _all_nonzero(model: torch.nn.Module, counts: list[tuple[int, Any, int, int]]) -> int:
+def all_nonzero(model: torch.nn.Module, counts: list[tuple[int, Any, int, int]]) -> int:
     """Non-zeros of every parameter; storages the targets tile exactly reuse the targets' counts."""
     by_storage: dict[int, list[int]] = {}
     for _, t, n, z in counts:

@@ -27,7 +27,7 @@ class LayerCensus:
     def add_counts(self, adapter: Any, l: int, counts: list[tuple[int, Any, int, int]]) -> None:
         """Layer l from its targets' (layer, target, numel, nonzero) counts already taken; the layer's
         other parameters are counted here (storages the targets tile exactly reuse their counts)."""
-        from ..analysis.sparsity import _all_nonzero
+        from ..analysis.sparsity import all_nonzero
         c = self.c
         for _, t, n, z in counts:
             c["dec_numel"] += n
@@ -42,7 +42,7 @@ class LayerCensus:
                 c["tgt_numel"] += n
                 c["tgt_zeros"] += n - z
         c["layer_numel"] += sum(p.numel() for p in adapter.layers[l].parameters())
-        c["layer_nz"] += _all_nonzero(adapter.layers[l], counts)
+        c["layer_nz"] += all_nonzero(adapter.layers[l], counts)
         if l in adapter.moe_layers:
             self.experts[l] = adapter.num_experts(l)
 
