@@ -164,7 +164,8 @@ def test_kept_hidden_rows_give_the_recomputed_statistics(arch, monkeypatch):
             y = model(input_ids=x).logits
         return obs, y
     fast, y_fast = observe()
-    assert fast._rows_checked and all(fast._rows_checked.values())      # the fast path ran
+    assert set(fast._rows_checked) == set(fast.stats)                   # every layer was checked
+    assert any(fast._rows_checked.values())                             # and the fast path ran
     monkeypatch.setattr(O, "_ROW_ORDER", {})
     slow, y_slow = observe()
     assert not slow._rows_checked
@@ -172,6 +173,22 @@ def test_kept_hidden_rows_give_the_recomputed_statistics(arch, monkeypatch):
     for l, st in fast.stats.items():
         for f in ("count", "coact", "gate_sum", "xsq", "hsq", "gxsq", "ghsq", "gram_x", "gram_h"):
             assert torch.equal(getattr(st, f), getattr(slow.stats[l], f)), (l, f)
+
+
+def test_row_check_covers_every_routed_expert():
+    """A fused kernel that rounds one row of a later expert differently is caught, not only the first."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 4, generator=g), torch.randn(3, 4, 5, generator=g)
+    ids = torch.tensor([[0, 1], [2, 0], [1, 2], [0, 2], [1, 0], [2, 1]])
+    hidden = lambda e, xs: xs @ w[e]
+    rows = torch.empty(12, 5)
+    for e in range(3):
+        tok, pos = torch.where(ids == e)
+        rows[tok * 2 + pos] = hidden(e, x[tok])
+    assert O.rows_match(rows, x, ids, hidden)
+    last = int(torch.where(ids.reshape(-1) == 2)[0][-1])
+    rows[last, 3] = torch.nextafter(rows[last, 3], torch.tensor(float("inf")))
+    assert not O.rows_match(rows, x, ids, hidden)
 
 
 METHODS = [(partial(P.UnstructuredPruner, score="wanda"), {}), (partial(P.UnstructuredPruner, score=None, update="sparsegpt"), {}), (partial(P.UnstructuredPruner, score=None, update="sparsegpt"), {"nm": "2:4"}),
