@@ -64,6 +64,20 @@ def test_hit_miss_off_and_unreadable_entry(tmp_path):
     assert len(calls) == 4
 
 
+def test_cache_entry_skips_the_fsync_that_results_keep(tmp_path, monkeypatch):
+    """A cache entry is recomputed when unreadable, so it is not fsynced (an fsync can wait for the
+    journal to commit whatever else is pending); results files still are."""
+    import os
+
+    from stun_exp.tracking import files
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    dense_cache.cached_report(tmp_path, "k1", lambda: {"census": {}, "kurtosis": {}})
+    assert (tmp_path / dense_cache.SUBDIR / "k1.json").is_file() and synced == []
+    files.atomic_write_json(tmp_path / "results.json", {"a": 1})
+    assert len(synced) == 1
+
+
 def _run(tmp: Path, src: Path, name: str, *extra: str) -> dict:
     torch.save(CALIB, tmp / "calib.pt")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -11,6 +11,7 @@ back), the resolved ``model`` config node, the dtype and device type the weights
 runtime, and the source of the analysis and model-adapter code. A model with no local files to
 fingerprint is never cached. On a filesystem with coarse timestamps, a checkpoint rewritten within
 the same tick at the same size would not be noticed: ``analysis_cache=false`` turns the cache off.
+Entries are written atomically but not fsynced (an unreadable entry is recomputed and replaced).
 ``results.json`` records ``dense_analysis: {"cache": "hit" | "miss" | "off" | "no key", "key": ...}``.
 """
 from __future__ import annotations
@@ -81,7 +82,7 @@ def cached_report(cache_dir: Optional[Path], key: Optional[str],
     rep = compute()
     from stun_exp.tracking.files import atomic_write_json
     try:
-        atomic_write_json(path, {"census": rep["census"], "kurtosis": rep["kurtosis"]})
+        atomic_write_json(path, {"census": rep["census"], "kurtosis": rep["kurtosis"]}, durable=False)
     except OSError:        # a read-only cache: the run goes on, it just is not cached
         return rep, {"cache": "miss (not written)", "key": key}
     return rep, {"cache": "miss", "key": key}

@@ -1,7 +1,10 @@
 """Atomic file writes: a temp file in the same folder, fsync, then rename.
 
 An interrupted write never leaves a file that looks complete: readers see either the old file
-or the whole new one.
+or the whole new one. ``durable=False`` skips the fsync, for caches whose readers recompute an
+entry they cannot parse: an fsync can wait for the filesystem's journal to commit whatever else is
+pending (on ext4, right after runs that saved checkpoints, a fsynced 30 KB entry took 4 ms to
+0.18 s; without the fsync, 3-7 ms).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -21,7 +24,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -29,8 +33,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, durable: bool = True) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", durable)
 
 
 def atomic_replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
