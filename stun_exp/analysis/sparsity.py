@@ -26,7 +26,7 @@ from stun_exp.errors import ConfigError
 TargetFilter = Callable[[Any], bool]
 
 
-def _nz(t: torch.Tensor, chunk: int = 1 << 20) -> int:
+def nonzero_count(t: torch.Tensor, chunk: int = 1 << 20) -> int:
     """Non-zero count (numpy's comparison on CPU floats is several times faster than torch's count)."""
     if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float16, torch.float64):
         return int(torch.count_nonzero(t).item())
@@ -43,7 +43,8 @@ def _targets(adapter: Any) -> Iterable[tuple[int, Any]]:
 
 def census(model: torch.nn.Module, adapter: Any) -> dict[str, Any]:
     """numel / nonzero counts of the current model, with the expert structure per layer."""
-    return census_from_counts(model, adapter, [(l, t, t.weight.numel(), _nz(t.weight)) for l, t in _targets(adapter)])
+    return census_from_counts(model, adapter,
+                              [(l, t, t.weight.numel(), nonzero_count(t.weight)) for l, t in _targets(adapter)])
 
 
 def census_from_counts(model: torch.nn.Module, adapter: Any,
@@ -91,7 +92,7 @@ def all_nonzero(model: torch.nn.Module, counts: list[tuple[int, Any, int, int]])
         if got is not None and got[0] == sum(p.numel() for p in ps):
             total += got[1]
         else:
-            total += sum(_nz(p.data) for p in ps)
+            total += sum(nonzero_count(p.data) for p in ps)
     return total
 
 
@@ -126,7 +127,7 @@ def targeted_counts(adapter: Any, is_targeted: TargetFilter) -> tuple[int, int]:
     for _, t in _targets(adapter):
         if is_targeted(t):
             numel += t.weight.numel()
-            zeros += t.weight.numel() - _nz(t.weight)
+            zeros += t.weight.numel() - nonzero_count(t.weight)
     return numel, zeros
 
 
@@ -138,7 +139,7 @@ def derive_unstructured_ratio(total: float, original: dict[str, Any], adapter: A
     ConfigError when expert pruning alone already exceeds the target or the target is unreachable
     within the unstructured scope.
     """
-    now_nz = sum(_nz(t.weight) for _, t in _targets(adapter))
+    now_nz = sum(nonzero_count(t.weight) for _, t in _targets(adapter))
     return ratio_from_counts(total, original, now_nz, *targeted_counts(adapter, is_targeted))
 
 

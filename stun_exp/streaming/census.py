@@ -12,10 +12,6 @@ import torch
 from torch import nn
 
 
-def _nz(t: torch.Tensor) -> int:
-    return int(torch.count_nonzero(t).item())
-
-
 class LayerCensus:
     def __init__(self, is_targeted: Optional[Callable[[Any], bool]] = None) -> None:
         self.is_targeted = is_targeted
@@ -48,11 +44,12 @@ class LayerCensus:
 
     def finish(self, model: nn.Module, adapter: Any) -> dict[str, Any]:
         """The census dict, adding every parameter outside the decoder layers (counted once if tied)."""
+        from ..analysis.sparsity import nonzero_count
         c, k = self.c, adapter.top_k
         in_layers = {id(p) for p in adapter.layers.parameters()}
         rest = [p for p in model.parameters() if id(p) not in in_layers]
         all_numel = c["layer_numel"] + sum(p.numel() for p in rest)
-        all_nz = c["layer_nz"] + sum(_nz(p.data) for p in rest)
+        all_nz = c["layer_nz"] + sum(nonzero_count(p.data) for p in rest)
         act = sum(k * v["expert_numel"] / max(self.experts[l], 1) for l, v in self.per_layer.items())
         act_nz = sum(k * v["expert_nz"] / max(self.experts[l], 1) for l, v in self.per_layer.items())
         return {
