@@ -26,9 +26,7 @@ def preflight(argv: list[str], conf_dir: Path) -> None:
         return
     overrides = [a for a in argv if not a.startswith("-")]
     try:
-        jobs = job_overrides(overrides, conf_dir, multirun=bool(flags))
-        for job in jobs:
-            check_job(job, conf_dir) if isinstance(job, list) else check_config(job)
+        check_jobs(job_overrides(overrides, conf_dir, multirun=bool(flags)), conf_dir)
     except (ConfigError, DataError) as e:
         fail(str(e))
 
@@ -105,6 +103,30 @@ def _is_sweep(o: str) -> bool:
 def check_job(overrides: list[str], conf_dir: Path) -> None:
     """Compose one job's config and run every check that comes before a model loads."""
     check_config(_compose(overrides, conf_dir))
+
+
+def check_jobs(jobs: list[Any], conf_dir: Path) -> None:
+    """``check_job`` on each job of a sweep in order (or ``check_config`` on a single run's composed
+    config), composing the jobs together: once per distinct set of group choices (``config.compose``)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from stun_exp.config.compose import Composer
+    if not any(isinstance(job, list) for job in jobs):     # a single run, composed already
+        for cfg in jobs:
+            check_config(cfg)
+        return
+    failed = None
+    with Composer(conf_dir) as composer:
+        for job in jobs:
+            try:
+                cfg = composer.compose(job)
+            except (HydraException, OmegaConfBaseException) as e:
+                failed = (job, e)
+                break
+            check_config(cfg)
+    if failed is not None:    # worded outside the composer: the wording composes configs of its own
+        raise ConfigError._raw("", None, one_line(failed[1], failed[0], conf_dir)) from None
 
 
 def check_config(cfg: Any) -> None:

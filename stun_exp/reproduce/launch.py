@@ -36,8 +36,9 @@ def expand_jobs(overrides: list[str]) -> list[list[str]]:
 def job_hashes(jobs: list[list[str]]) -> list[Optional[str]]:
     """config_hash of each job's config as the runner records it (None where it cannot be composed here).
 
-    One Hydra initialisation for all jobs: composing is cheap, initialising is not."""
-    from hydra import compose, initialize_config_dir
+    One Hydra composition per distinct set of group choices (``config.compose``): an experiment's
+    jobs mostly differ only in values."""
+    from stun_exp.config.compose import Composer
     from stun_exp.config.schema import register_all
     from stun_exp.config.sparsity import effective
     from stun_exp.tracking.run_record import config_hash
@@ -46,10 +47,10 @@ def job_hashes(jobs: list[list[str]]) -> list[Optional[str]]:
     except Exception:  # noqa: BLE001 - a broken schema module: nothing can be composed
         return [None] * len(jobs)
     out: list[Optional[str]] = []
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with Composer(CONF_DIR) as composer:
         for job in jobs:
             try:
-                out.append(config_hash(effective(compose(config_name="config", overrides=job))[0]))
+                out.append(config_hash(effective(composer.compose(job))[0]))
             except Exception:  # noqa: BLE001 - the runner will report a bad override itself
                 out.append(None)
     return out
