@@ -68,8 +68,10 @@ class Composer:
         except Exception:  # noqa: BLE001 - a bad override or another Hydra: Hydra composes (and reports)
             return None
         base, values = [], []
-        for o in parsed:
-            plain = (not o.is_hydra_override() and o.package is None and not o.is_sweep_override()
-                     and not repo.group_exists(o.key_or_group))
-            (values if plain else base).append(o if plain else o.input_line)
+        for o in parsed:    # Hydra's own rule: an override on a key that is not a config group is a value
+            if o.is_hydra_override() or o.package is not None or o.is_sweep_override() \
+                    or repo.group_exists(o.key_or_group):
+                base.append(o.input_line)
+            else:
+                values.append(o)
         return tuple(base), values
