@@ -57,14 +57,13 @@ class Composer:
 
     def _split(self, overrides: list[str]) -> Optional[tuple[tuple[str, ...], list[Any]]]:
         """(the overrides Hydra needs to build the defaults list, the parsed value overrides), or None
-        when this Hydra lacks what the fast path needs (then every job is composed by Hydra)."""
+        when they do not parse or this Hydra has no repository to ask (Hydra composes the job whole;
+        a Hydra without ``_apply_overrides_to_config`` fails in ``_fast`` and is composed whole too)."""
         try:
-            from hydra._internal.config_loader_impl import ConfigLoaderImpl
             from hydra.core.global_hydra import GlobalHydra
             from hydra.core.override_parser.overrides_parser import OverridesParser
             repo = GlobalHydra.instance().config_loader().repository  # type: ignore[attr-defined]
             parsed = OverridesParser.create().parse_overrides(list(overrides))
-            assert callable(ConfigLoaderImpl._apply_overrides_to_config)
         except Exception:  # noqa: BLE001 - a bad override or another Hydra: Hydra composes (and reports)
             return None
         base, values = [], []

@@ -102,7 +102,7 @@ def _is_sweep(o: str) -> bool:
 
 def check_job(overrides: list[str], conf_dir: Path) -> None:
     """Compose one job's config and run every check that comes before a model loads."""
-    check_config(_compose(overrides, conf_dir))
+    check_jobs([overrides], conf_dir)
 
 
 def check_jobs(jobs: list[Any], conf_dir: Path) -> None:
