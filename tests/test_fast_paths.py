@@ -1,6 +1,6 @@
 """The fast paths give the same bits as the plain computations they replace, on tiny inputs and models.
 
-* masks: selection (kthvalue) instead of a stable sort; N:M groups by pairwise ranks;
+* masks: selection (numpy's on CPU) instead of a stable sort; N:M groups by pairwise ranks;
 * SparseGPT: same-shape matrices stacked, against the plain one-matrix column loop below;
 * observer: the fused forward's own gated hidden states instead of a per-expert recomputation,
   for the statistics and for whole pruning runs (Wanda, SparseGPT, OWL, MoE-Pruner).
@@ -14,7 +14,7 @@ from stun_exp.context import RunContext
 from stun_exp.models.adapter import get_adapter
 from stun_exp.observe import observer as O
 from stun_exp.pruning.weights import pruners as P
-from stun_exp.pruning.weights.masks import nm_mask, row_mask, threshold_mask
+from stun_exp.pruning.weights.masks import kth_values, nm_mask, row_mask, threshold_mask
 from stun_exp.pruning.weights.sparsegpt import sparsegpt_prune, sparsegpt_prune_many
 from tests.tiny_models import tiny_input, tiny_model
 
@@ -39,6 +39,27 @@ def test_masks_equal_the_sort_rules(s):
         if s > 0:
             thr = torch.sort(sc.flatten()).values[int(sc.numel() * s)]
             assert torch.equal(threshold_mask(sc, s), sc <= thr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_kth_values_equal_torch_kthvalue(dtype):
+    g = torch.Generator().manual_seed(1)
+    odd = torch.randn(6, 33, generator=g)
+    odd[0, 3], odd[1, :5], odd[2, ::2] = float("nan"), float("inf"), -0.0
+    odd[3] = -float("inf")
+    for sc in [*_scores(), odd, torch.rand(1, 1000, generator=g)]:
+        sc = sc.to(dtype)
+        for k in sorted({1, sc.shape[1] // 2, sc.shape[1]}):
+            ref = torch.kthvalue(sc.float(), k, dim=1, keepdim=True).values.to(dtype)
+            got = kth_values(sc, k)
+            assert got.dtype == dtype and got.shape == (sc.shape[0], 1)
+            assert _same(got, ref)
+            assert _same(kth_values(sc.t().contiguous().t(), k), got)      # strided rows
+
+
+def _same(a, b):
+    """Equal values, NaN where the other has NaN."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])
 
 
 def _nm_by_sort(sc, n, m):

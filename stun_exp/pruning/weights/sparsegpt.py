@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from stun_exp.pruning.weights.masks import nm_mask
+from stun_exp.pruning.weights.masks import kth_values, nm_mask
 
 # weight entries per stack: 16 MB of fp32 weights (+ mask and block buffers); larger stacks save
 # little per-column Python time and raise the peak memory of the layer
@@ -164,5 +164,5 @@ def _block_mask(w1: Tensor, d: Tensor, sparsity: float) -> Tensor:
         return torch.zeros_like(w1, dtype=torch.bool)
     score = w1 ** 2 / d.unsqueeze(1) ** 2
     flat = score.reshape(score.shape[0], -1)
-    thr = torch.kthvalue(flat, int(flat.shape[1] * sparsity) + 1, dim=1).values
-    return score <= thr[:, None, None]
+    thr = kth_values(flat, int(flat.shape[1] * sparsity) + 1)
+    return score <= thr[:, :, None]
