@@ -64,11 +64,12 @@ def _lowest_k_per_row(score: Tensor, k: int) -> Tensor:
     if k <= 0:
         return torch.zeros_like(score, dtype=torch.bool)
     v = kth_values(score, k)
+    at_most = score <= v
+    if bool((at_most.sum(1) == k).all()):   # the usual case: no other entry ties the k-th
+        return at_most
     below = score < v
     tie = score == v
     need = k - below.sum(1, keepdim=True)
-    if torch.equal(tie.sum(1, keepdim=True), need):   # the usual case: no tie beyond the k-th
-        return below | tie
     return below | (tie & (tie.cumsum(1) <= need))
 
 
