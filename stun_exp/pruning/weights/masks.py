@@ -65,11 +65,11 @@ def _lowest_k_per_row(score: Tensor, k: int) -> Tensor:
         return torch.zeros_like(score, dtype=torch.bool)
     v = kth_values(score, k)
     at_most = score <= v
-    if bool((at_most.sum(1) == k).all()):   # the usual case: no other entry ties the k-th
+    if bool((torch.count_nonzero(at_most, dim=1) == k).all()):   # usual: no other entry ties the k-th
         return at_most
     below = score < v
     tie = score == v
-    need = k - below.sum(1, keepdim=True)
+    need = k - torch.count_nonzero(below, dim=1).unsqueeze(1)
     return below | (tie & (tie.cumsum(1) <= need))
 
 

@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 import torch
 
+from stun_exp.analysis.sparsity import nonzero_count
 from stun_exp.errors import ConfigError, DataError
 from stun_exp.pruning.weights import allocation as alloc
 from stun_exp.pruning.weights.engine import SequentialEngine, check_finite
@@ -173,7 +174,7 @@ class UnstructuredPruner:
             elif s > 0 or nm is not None:
                 self._prune_target(t, st, s, nm)
             layer["numel"] += t.weight.numel()
-            layer["zeros"] += int((t.weight == 0).sum())
+            layer["zeros"] += t.weight.numel() - nonzero_count(t.weight)
         if stats is not None:
             counts = {int(t.expert): stats[t.name].ntokens for t in targets if t.kind == "expert"}
             report["tokens_per_expert"][str(l)] = [counts[e] for e in sorted(counts)]
