@@ -57,7 +57,7 @@ def row_mask(score: Tensor, sparsity: float, rounding: str = "floor") -> Tensor:
 def _lowest_k_per_row(score: Tensor, k: int) -> Tensor:
     """The first k entries of each row in stable ascending order, without sorting the row.
 
-    A selection (kthvalue) gives the k-th smallest value v; every entry below v is in, and the
+    A selection (``kth_values``) gives the k-th smallest value v; every entry below v is in, and the
     entries equal to v are taken from the lowest column up until the row holds k. That is the
     set a stable sort's first k positions hold, at a fraction of the sort's cost.
     """
