@@ -79,8 +79,9 @@ _NUMPY_SELECT = (torch.float32, torch.float64, torch.float16)
 def kth_values(score: Tensor, k: int) -> Tensor:
     """The k-th smallest value of every row of a 2-D ``score`` (1-based k, NaN above all), [rows, 1].
 
-    The value ``torch.kthvalue`` returns; on CPU it comes from numpy's selection, which does not
-    carry indices along and runs 2-3x faster on pruning-sized rows.
+    The value ``torch.kthvalue`` returns (a zero may come back with the other sign: equal, as every
+    comparison made with it sees); on CPU it comes from numpy's selection, which does not carry
+    indices along and runs 2-3x faster on pruning-sized rows.
     """
     if score.device.type == "cpu" and score.dtype in _NUMPY_SELECT and not score.requires_grad:
         import numpy as np
