@@ -52,14 +52,10 @@ def test_kth_values_equal_torch_kthvalue(dtype):
         for k in sorted({1, sc.shape[1] // 2, sc.shape[1]}):
             ref = torch.kthvalue(sc.float(), k, dim=1, keepdim=True).values.to(dtype)
             got = kth_values(sc, k)
-            assert got.dtype == dtype and got.shape == (sc.shape[0], 1)
-            assert _same(got, ref)
-            assert _same(kth_values(sc.t().contiguous().t(), k), got)      # strided rows
-
-
-def _same(a, b):
-    """Equal values, NaN where the other has NaN."""
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])
+            assert got.shape == (sc.shape[0], 1)
+            exact = partial(torch.testing.assert_close, rtol=0, atol=0, equal_nan=True)  # checks dtype
+            exact(got, ref)
+            exact(kth_values(sc.t().contiguous().t(), k), got)      # strided rows
 
 
 def _nm_by_sort(sc, n, m):
