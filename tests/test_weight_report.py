@@ -69,3 +69,56 @@ def test_moments_merge_equals_one_sample():
     fast = chunk_moments(y.clone(), zeros=int((y == 0).sum()))
     for f in ("n", "mean", "m2", "m3", "m4"):
         assert getattr(fast, f) == pytest.approx(getattr(nz, f), rel=1e-11)
+
+
+def _new_thread_default() -> int:
+    """torch's thread count as a thread started now sees it."""
+    import threading
+    seen = []
+    th = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    th.start()
+    th.join()
+    return seen[0]
+
+
+def test_the_read_does_not_depend_on_the_thread_count():
+    model = tiny_model("mixtral")
+    ad = get_adapter(model)
+    with torch.no_grad():
+        for l in range(len(ad.layers)):
+            for t in ad.linear_targets(l):
+                t.weight[t.weight.abs() < t.weight.abs().median()] = 0
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = weight_report(model, ad, nonzero_only=True)
+        torch.set_num_threads(3)
+        three = weight_report(model, ad, nonzero_only=True)
+        assert torch.get_num_threads() == 3 and _new_thread_default() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert one == three          # every float equal: each weight's sums are taken by one thread
+
+
+def test_an_error_in_a_worker_reaches_the_caller_and_restores_threads(monkeypatch):
+    from stun_exp.analysis import weight_report as wr
+    model = tiny_model("mixtral")
+    ad = get_adapter(model)
+    real, calls = wr._scan, []
+
+    def failing(w, *a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("unreadable weight")
+        return real(w, *a)
+    monkeypatch.setattr(wr, "_scan", failing)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="unreadable weight"):
+            weight_report(model, ad)
+        assert torch.get_num_threads() == 2 and _new_thread_default() == 2
+    finally:
+        torch.set_num_threads(before)
+    targets = sum(len(ad.linear_targets(l)) for l in range(len(ad.layers)))
+    assert len(calls) < targets          # the weights not started when it failed were dropped

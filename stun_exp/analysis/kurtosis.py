@@ -152,9 +152,9 @@ class ChunkReader:
                 drop_zeros: bool = False) -> tuple[int, Moments]:
         """(zero count, moments) of one chunk; moments of its non-zero entries when ``drop_zeros``.
 
-        The power sums come first: torch's threads bring the chunk into cache, then
-        ``count_zeros(part)`` (default: torch's count) reads it from there (counting first, with
-        numpy on one core from memory, made the whole read ~15 % slower).
+        The power sums come first: they bring the chunk into cache, then ``count_zeros(part)``
+        (default: torch's count) reads it from there (counting first, from memory, made the whole
+        read ~15 % slower).
         """
         work = torch.float64 if part.dtype == torch.float64 else torch.float32
         buf, scratch = self._buffers(work, part.device)

@@ -9,54 +9,125 @@ the ledger's order, reads each weight once in small chunks and takes from each c
     merged from them, see ``kurtosis.Moments``).
 The outputs have the shapes of ``sparsity.census``, ``kurtosis.kurtosis_report`` and
 ``sparsity.mask_digest`` (tested equal), so a run calls this once where it called those three.
+
+On CPU the weights are read by ``torch.get_num_threads()`` worker threads, one weight each, with
+torch single-threaded inside a worker: the read is a chain of short operations per chunk (a
+product, four reductions, a comparison, bit packing), which parallelise poorly inside one
+operation, while whole weights are independent. The digest is fed in target order by the calling
+thread. Each weight's sums are then taken by one thread whatever the thread count, so the kurtosis
+does not depend on it.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Any, Callable, Optional
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 
 from stun_exp.analysis import kurtosis as K
 from stun_exp.analysis import sparsity as S
 
+Scan = tuple[int, K.Moments, list]     # (non-zero count, moments, packed zero bits per chunk)
 
-def _zeros(part: torch.Tensor, digest: Optional[Any], buf: Any) -> int:
-    """Zero count of a flat chunk; its zero bits go to ``digest`` (numpy is the fast path on CPU;
-    ``buf``: a reused numpy bool array of at least the chunk's size, as a fresh one page-faults)."""
-    import numpy as np
+
+def _zeros(part: torch.Tensor, bits: Optional[list], buf: Any) -> int:
+    """Zero count of a flat chunk; its packed zero bits are appended to ``bits`` (when given).
+    numpy is the fast path on CPU; ``buf``: a reused numpy bool array of at least the chunk's size,
+    as a fresh one page-faults."""
     if part.device.type == "cpu" and part.dtype in (torch.float32, torch.float16, torch.float64):
         z = np.equal(part.numpy(), 0, out=buf[:part.numel()])
-        if digest is not None:
-            digest.update(np.packbits(z).tobytes())
+        if bits is not None:
+            bits.append(np.packbits(z))
         return int(np.count_nonzero(z))
-    if digest is None:
+    if bits is None:
         return part.numel() - int(torch.count_nonzero(part))
     z = (part == 0).cpu().numpy()
-    digest.update(np.packbits(z).tobytes())
+    bits.append(np.packbits(z))
     return int(np.count_nonzero(z))
 
 
-def _scan(w: torch.Tensor, nonzero_only: bool, reader: K.ChunkReader, digest: Optional[Any],
-          buf: Any) -> tuple[int, K.Moments]:
-    """(non-zero count, moments) of one weight; feeds its zero bits to ``digest`` (when given)."""
-    flat, acc, zeros, chunk = w.detach().reshape(-1), K.Moments(), 0, reader.chunk
-    count = functools.partial(_zeros, digest=digest, buf=buf)
+class _Reader:
+    """One thread's chunk buffers (moments and zero bits)."""
+
+    def __init__(self, chunk: int) -> None:
+        self.chunks, self.buf = K.ChunkReader(chunk), np.empty(chunk, dtype=bool)
+
+
+def _scan(w: torch.Tensor, nonzero_only: bool, digest: bool, reader: _Reader) -> Scan:
+    """(non-zero count, moments, zero bits) of one weight."""
+    flat, acc, zeros, chunk = w.detach().reshape(-1), K.Moments(), 0, reader.chunks.chunk
+    bits: Optional[list] = [] if digest else None
+    count = functools.partial(_zeros, bits=bits, buf=reader.buf)
     for i in range(0, flat.numel(), chunk):
-        part = flat[i:i + chunk]
-        z, mom = reader.moments(part, count, nonzero_only)
+        z, mom = reader.chunks.moments(flat[i:i + chunk], count, nonzero_only)
         zeros, acc = zeros + z, acc + mom
-    return flat.numel() - zeros, acc
+    return flat.numel() - zeros, acc, bits or []
 
 
-def scan_target(l: int, t: Any, nonzero_only: bool, reader: K.ChunkReader, digest: Optional[Any],
-                buf: Any) -> tuple[int, K.Moments]:
-    """(non-zero count, moments) of target ``t`` of layer ``l``; its header and zero bits go to
-    ``digest`` (when given) as ``sparsity.digest_layer`` writes them."""
-    if digest is not None:
-        digest.update(f"{l}:{t.name}:{tuple(t.weight.shape)}".encode())
-    return _scan(t.weight, nonzero_only, reader, digest, buf)
+def _workers(weights: list[torch.Tensor]) -> int:
+    """Worker threads for the read, one per torch thread; 0: the calling thread reads (weights off
+    the CPU, or torch already single-threaded, which is what a worker would be)."""
+    threads = torch.get_num_threads()
+    if not weights or threads == 1 or any(w.device.type != "cpu" for w in weights):
+        return 0
+    return min(threads, len(weights))
+
+
+def _scans(weights: list[torch.Tensor], nonzero_only: bool, digest: bool, chunk: int) -> Iterator[Scan]:
+    """The scans of ``weights`` in order; at most two weights per worker in flight (bounds the zero
+    bits held for the digest)."""
+    n = _workers(weights)
+    if n == 0:
+        reader = _Reader(chunk)
+        for w in weights:
+            yield _scan(w, nonzero_only, digest, reader)
+        return
+    local = threading.local()
+
+    def one(w: torch.Tensor) -> Scan:
+        if not hasattr(local, "reader"):
+            torch.set_num_threads(1)           # this worker's own setting (OpenMP's is per thread)
+            local.reader = _Reader(chunk)
+        return _scan(w, nonzero_only, digest, local.reader)
+
+    threads, pending = torch.get_num_threads(), deque()
+    pool = ThreadPoolExecutor(n, thread_name_prefix="weight-read")
+    try:
+        for w in weights:
+            pending.append(pool.submit(one, w))
+            if len(pending) >= 2 * n:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:                        # also on an error or an early close: drop the weights not started
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)     # the default new threads inherit, which a worker changed
+
+
+def read_targets(items: Iterable[tuple[int, Any]], nonzero_only: bool, digest: Optional[Any],
+                 chunk: int = K.CHUNK) -> list[tuple[int, Any, int, int, K.Moments]]:
+    """(layer, target, numel, non-zero count, moments) of each (layer, target) in ``items``, read
+    once; their headers and zero bits go to the ``hashlib``-style ``digest`` (when given) in order,
+    as ``sparsity.digest_layer`` writes them."""
+    items = list(items)
+    chunk = max(8, chunk - chunk % 8)
+    rows = []
+    scans = _scans([t.weight for _, t in items], nonzero_only, digest is not None, chunk)
+    try:
+        for (nz, mom, bits), (l, t) in zip(scans, items):
+            if digest is not None:
+                digest.update(f"{l}:{t.name}:{tuple(t.weight.shape)}".encode())
+                for b in bits:
+                    digest.update(b)
+            rows.append((l, t, t.weight.numel(), nz, mom))
+    finally:
+        scans.close()           # on an error: stop the workers, restore the thread count
+    return rows
 
 
 def weight_report(model: torch.nn.Module, adapter: Any, nonzero_only: bool = False,
@@ -64,18 +135,12 @@ def weight_report(model: torch.nn.Module, adapter: Any, nonzero_only: bool = Fal
                   chunk: int = K.CHUNK) -> dict[str, Any]:
     """``{"census", "kurtosis", "mask_digest"}`` (+ ``"targeted": (numel, zeros)`` when a filter is
     given). ``digest=False`` skips the zero-pattern hash (``mask_digest`` is then None)."""
-    chunk = max(8, chunk - chunk % 8)
     h = hashlib.sha256() if digest else None
-    import numpy as np
-    reader, buf = K.ChunkReader(chunk), np.empty(chunk, dtype=bool)
-    counts, rows = [], []
-    for l in range(len(adapter.layers)):
-        for t in adapter.linear_targets(l):
-            nz, mom = scan_target(l, t, nonzero_only, reader, h, buf)
-            counts.append((l, t, t.weight.numel(), nz))
-            rows.append((l, t, mom))
+    items = [(l, t) for l in range(len(adapter.layers)) for t in adapter.linear_targets(l)]
+    rows = read_targets(items, nonzero_only, h, chunk)
+    counts = [(l, t, n, nz) for l, t, n, nz, _ in rows]
     out = {"census": S.census_from_counts(model, adapter, counts),
-           "kurtosis": K.report_from_moments(rows, nonzero_only),
+           "kurtosis": K.report_from_moments([(l, t, mom) for l, t, _, _, mom in rows], nonzero_only),
            "mask_digest": h.hexdigest()[:16] if h is not None else None}
     if is_targeted is not None:
         sel = [(n, n - nz) for _, t, n, nz in counts if is_targeted(t)]

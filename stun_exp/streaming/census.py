@@ -75,28 +75,21 @@ class LayerReport:
     def __init__(self, is_targeted: Optional[Callable[[Any], bool]] = None, nonzero_only: bool = False,
                  digest: bool = True) -> None:
         import hashlib
-
-        import numpy as np
-
-        from ..analysis.kurtosis import ChunkReader, CHUNK
         self.census = LayerCensus(is_targeted)
         self.nonzero_only = nonzero_only
         self.rows: list[tuple[int, Any, Any]] = []
         self.digest = hashlib.sha256() if digest else None
-        self.reader, self.buf = ChunkReader(CHUNK), np.empty(CHUNK, dtype=bool)
 
     def add_layer(self, adapter: Any, l: int) -> None:
         """One read of each of the layer's weights (``analysis.weight_report``'s scan: zero count,
         zero bits for the digest, moments), as the in-memory runtime reads the whole model."""
         from dataclasses import replace
 
-        from ..analysis.weight_report import scan_target
-        counts = []
-        for t in adapter.linear_targets(l):
-            nz, mom = scan_target(l, t, self.nonzero_only, self.reader, self.digest, self.buf)
-            counts.append((l, t, t.weight.numel(), nz))
+        from ..analysis.weight_report import read_targets
+        rows = read_targets([(l, t) for t in adapter.linear_targets(l)], self.nonzero_only, self.digest)
+        for _, t, _, _, mom in rows:
             self.rows.append((l, replace(t, weight=torch.empty(0), module=None), mom))
-        self.census.add_counts(adapter, l, counts)
+        self.census.add_counts(adapter, l, [(l, t, n, nz) for l, t, n, nz, _ in rows])
 
     def finish(self, model: nn.Module, adapter: Any) -> dict[str, Any]:
         from ..analysis.kurtosis import report_from_moments
