@@ -26,13 +26,24 @@ from stun_exp.errors import ConfigError
 TargetFilter = Callable[[Any], bool]
 
 
+NUMPY_FLOATS = (torch.float32, torch.float16, torch.float64)
+
+
+def as_numpy(t: torch.Tensor) -> Optional[Any]:
+    """``t`` as a numpy array sharing its memory when it is a CPU float tensor numpy computes on
+    (its comparisons, counts and selections beat torch's on CPU); None otherwise."""
+    if t.device.type != "cpu" or t.dtype not in NUMPY_FLOATS:
+        return None
+    return t.detach().numpy()
+
+
 def nonzero_count(t: torch.Tensor, chunk: int = 1 << 20) -> int:
     """Non-zero count (numpy's comparison on CPU floats is several times faster than torch's count)."""
-    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float16, torch.float64):
+    arr = as_numpy(t.reshape(-1))
+    if arr is None:
         return int(torch.count_nonzero(t).item())
     import numpy as np
-    flat = t.detach().reshape(-1).numpy()
-    return flat.size - sum(int(np.count_nonzero(flat[i:i + chunk] == 0)) for i in range(0, flat.size, chunk))
+    return arr.size - sum(int(np.count_nonzero(arr[i:i + chunk] == 0)) for i in range(0, arr.size, chunk))
 
 
 def _targets(adapter: Any) -> Iterable[tuple[int, Any]]:

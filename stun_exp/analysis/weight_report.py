@@ -39,8 +39,9 @@ def _zeros(part: torch.Tensor, bits: Optional[list], buf: Any) -> int:
     """Zero count of a flat chunk; its packed zero bits are appended to ``bits`` (when given).
     numpy is the fast path on CPU; ``buf``: a reused numpy bool array of at least the chunk's size,
     as a fresh one page-faults."""
-    if part.device.type == "cpu" and part.dtype in (torch.float32, torch.float16, torch.float64):
-        z = np.equal(part.numpy(), 0, out=buf[:part.numel()])
+    arr = S.as_numpy(part)
+    if arr is not None:
+        z = np.equal(arr, 0, out=buf[:part.numel()])
         if bits is not None:
             bits.append(np.packbits(z))
         return int(np.count_nonzero(z))

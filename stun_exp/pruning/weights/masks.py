@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from stun_exp.analysis.sparsity import as_numpy
+
 
 def parse_nm(nm: str | None) -> tuple[int, int] | None:
     """'2:4' -> (2, 4); None -> None. N is the number PRUNED per group of M."""
@@ -73,9 +75,6 @@ def _lowest_k_per_row(score: Tensor, k: int) -> Tensor:
     return below | (tie & (tie.cumsum(1) <= need))
 
 
-_NUMPY_SELECT = (torch.float32, torch.float64, torch.float16)
-
-
 def kth_values(score: Tensor, k: int) -> Tensor:
     """The k-th smallest value of every row of a 2-D ``score`` (1-based k, NaN above all), [rows, 1].
 
@@ -83,11 +82,12 @@ def kth_values(score: Tensor, k: int) -> Tensor:
     comparison made with it sees); on CPU it comes from numpy's selection, which does not carry
     indices along and runs 2-3x faster on pruning-sized rows.
     """
-    if score.device.type == "cpu" and score.dtype in _NUMPY_SELECT and not score.requires_grad:
-        import numpy as np
-        part = np.partition(score.numpy(), k - 1, axis=1)
-        return torch.from_numpy(np.ascontiguousarray(part[:, k - 1:k]))
-    return torch.kthvalue(score, k, dim=1, keepdim=True).values
+    arr = as_numpy(score)
+    if arr is None:
+        return torch.kthvalue(score, k, dim=1, keepdim=True).values
+    import numpy as np
+    part = np.partition(arr, k - 1, axis=1)
+    return torch.from_numpy(np.ascontiguousarray(part[:, k - 1:k]))
 
 
 def kth_smallest(score: Tensor, pos: int) -> Tensor:
