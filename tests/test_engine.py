@@ -138,6 +138,60 @@ def test_linear_stats_count_tokens_and_calls():
         assert torch.allclose(torch.diagonal(st.gram), st.sq, rtol=1e-5)
 
 
+def test_shared_input_statistics_equal_per_matrix_ones_bit_for_bit(monkeypatch):
+    """q, k and v read one tensor: its statistics are computed once per forward and equal what each
+    matrix's own hook computes, as do those of the matrices with other inputs (o_proj, router)."""
+    from stun_exp.pruning.weights import engine as engine_mod
+    from stun_exp.pruning.weights.stats import SharedInputs
+    calib, runs, computed = tiny_input(3, 10), {}, []
+    contribution = SharedInputs.contribution
+
+    def counting(self, src, c_in, gram):
+        before = self._value
+        out = contribution(self, src, c_in, gram)
+        computed.append(out is not before)
+        return out
+    monkeypatch.setattr(SharedInputs, "contribution", counting)
+    shared_hooks = engine_mod.input_hooks
+    for shared in (True, False):
+        if not shared:        # one SharedInputs per hook: every matrix computes its own
+            monkeypatch.setattr(engine_mod, "input_hooks", lambda targets, gram: {
+                n: h for t in targets if t.kind != "expert" for n, h in shared_hooks([t], gram).items()})
+        got, computed[:] = {}, []
+
+        def process(l, targets, stats, got=got):
+            got[l] = stats
+            return True
+        _engine(tiny_model("mixtral"), calib, select=lambda t: t.kind != "expert", gram=True).run(process)
+        runs[shared] = (got, sum(computed), len(computed))
+    (got, n_shared, calls), (ref, n_own, _) = runs[True], runs[False]
+    layers = len(got)
+    assert n_own == calls and n_shared == calls - 2 * 3 * layers        # k and v reuse q's, per sample
+    for l, stats in got.items():
+        assert set(stats) == set(ref[l]) and any(n.endswith("q_proj") for n in stats)
+        for name, st in stats.items():
+            assert torch.equal(st.sq, ref[l][name].sq) and torch.equal(st.gram, ref[l][name].gram), name
+            assert (st.ncalls, st.ntokens) == (ref[l][name].ncalls, ref[l][name].ntokens)
+
+
+def test_shared_inputs_recompute_a_changed_or_different_tensor():
+    from stun_exp.pruning.weights.stats import SharedInputs
+    cache, x = SharedInputs(), torch.randn(2, 5, 4)
+    first = cache.contribution(x, 4, gram=True)
+    assert cache.contribution(x, 4, gram=True) is first                 # the same tensor: reused
+    assert torch.equal(first[1], (x.reshape(-1, 4) ** 2).sum(0))
+    assert torch.equal(first[2], x.reshape(-1, 4).T @ x.reshape(-1, 4))
+    x.mul_(2)                                                           # changed in place
+    again = cache.contribution(x, 4, gram=True)
+    assert again is not first and torch.equal(again[1], (x.reshape(-1, 4) ** 2).sum(0))
+    y = x.clone()                                                       # equal values, another tensor
+    assert cache.contribution(y, 4, gram=True) is not again
+    assert cache.contribution(y, 4, gram=False)[2] is None               # what was asked for
+    with torch.inference_mode():                                        # no version counter: never reused
+        z = torch.randn(3, 4)
+    assert cache.contribution(z, 4, gram=False) is not cache.contribution(z, 4, gram=False)
+
+
 def test_nan_weights_raise_data_error_naming_module():
     model = tiny_model("mixtral")
     with torch.no_grad():

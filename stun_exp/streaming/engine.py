@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..pruning.weights import engine as E
-from ..pruning.weights.stats import InputHook, TargetStats
+from ..pruning.weights.stats import TargetStats, input_hooks
 from .store import LayerStore
 
 LayerDone = Callable[[int, nn.Module], None]
@@ -105,7 +105,7 @@ class StreamingEngine(E.SequentialEngine):
                  as_kw: bool) -> tuple[dict[str, TargetStats], Tensor]:
         if self.offload is None:
             return super()._observe(l, layer, targets, inps, args, as_kw)
-        hooks = {t.name: InputHook(t.module, t.weight.shape[1], self.gram) for t in targets if t.kind != "expert"}
+        hooks = input_hooks(targets, self.gram)
         want_experts = any(t.kind == "expert" for t in targets)
         try:
             with E._expert_observer(self.adapter, l, self.gram, want_experts) as obs:

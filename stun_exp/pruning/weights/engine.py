@@ -9,7 +9,8 @@
     per layer l
       move    layer l (and only it) to the compute device
       observe one forward per sample (batch 1, as the reference): input hooks on the targeted
-              non-expert matrices; the adapter's ExpertObserver for routed experts, so expert
+              non-expert matrices (matrices that read one tensor, like q/k/v, share its
+              statistics, computed once); the adapter's ExpertObserver for routed experts, so expert
               statistics come from the tokens the CURRENT (already pruned upstream) router sends
       process the pruner's callback (score -> allocate -> mask, or SparseGPT update)
       re-run  the pruned layer to produce layer l+1's inputs (skipped when nothing changed,
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from stun_exp.errors import DataError
-from stun_exp.pruning.weights.stats import InputHook, TargetStats
+from stun_exp.pruning.weights.stats import TargetStats, input_hooks
 
 Process = Callable[[int, list, Optional[dict]], bool]
 _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
@@ -176,8 +177,7 @@ class SequentialEngine:
         for t in targets:
             if t.kind != "expert" and t.module is None:
                 raise DataError(f"layer {l} module {t.name}: no module to hook for its inputs")
-        hooks = {t.name: InputHook(t.module, t.weight.shape[1], self.gram)
-                 for t in targets if t.kind != "expert"}
+        hooks = input_hooks(targets, self.gram)
         want_experts = any(t.kind == "expert" for t in targets)
         try:
             with _expert_observer(self.adapter, l, self.gram, want_experts) as obs:

@@ -55,27 +55,66 @@ class TargetStats:
         return src / max(self.samples(per), 1)
 
 
-class InputHook:
-    """Forward hook on a module: accumulates the statistics of its first input, flattened to C_in."""
+class SharedInputs:
+    """One layer forward's input statistics, computed once per distinct input tensor.
 
-    def __init__(self, module: nn.Module, c_in: int, gram: bool) -> None:
+    Several matrices often read the same tensor (q, k and v all read the normed hidden states of one
+    attention call): their hooks then share one (sum of x^2, x^T x) instead of recomputing it per
+    matrix. Each hook still adds the shared values to its own sums, in its own order, so every
+    result equals a per-matrix computation bit for bit. Only the last input is kept, and it is
+    recognised by identity and in-place version, so a tensor changed or replaced is recomputed.
+    """
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple] = None
+        self._src: Optional[Tensor] = None
+        self._value: Optional[tuple[Tensor, Tensor, Optional[Tensor]]] = None
+
+    def contribution(self, src: Tensor, c_in: int, gram: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(x [tokens, c_in] in float32, sum over tokens of x^2, x^T x or None) of the input ``src``."""
+        key = (_version(src), c_in, gram)
+        if self._src is src and key[0] is not None and self._key == key:
+            return self._value
+        x = src.detach().reshape(-1, c_in).float()
+        value = (x, (x * x).sum(0), x.T @ x if gram else None)
+        self._src, self._key, self._value = src, key, value
+        return value
+
+    def clear(self) -> None:
+        self._src = self._key = self._value = None
+
+
+def _version(t: Tensor) -> Optional[int]:
+    """The in-place version counter of ``t`` (None for inference-mode tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+class InputHook:
+    """Forward hook on a module: accumulates the statistics of its first input, flattened to C_in.
+    Hooks given one ``SharedInputs`` compute the statistics of an input they share only once."""
+
+    def __init__(self, module: nn.Module, c_in: int, gram: bool, shared: Optional[SharedInputs] = None) -> None:
         self.c_in, self.want_gram = c_in, gram
+        self.shared = shared if shared is not None else SharedInputs()
         self.stats: Optional[TargetStats] = None
         self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
-        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
-        x = x.detach().reshape(-1, self.c_in).float()
-        if x.shape[0] == 0:
+        src = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+        if src.numel() == 0:
             return
+        x, sq, gram = self.shared.contribution(src, self.c_in, self.want_gram)
         if self.stats is None:
             z = torch.zeros(self.c_in, device=x.device)
             g = torch.zeros(self.c_in, self.c_in, device=x.device) if self.want_gram else None
             self.stats = TargetStats(z, None, g)
         st = self.stats
-        st.sq += (x * x).sum(0)
+        st.sq += sq
         if st.gram is not None:
-            st.gram += x.T @ x
+            st.gram += gram
         st.ncalls += 1
         st.ntokens += x.shape[0]
 
@@ -88,3 +127,10 @@ class InputHook:
 
     def remove(self) -> None:
         self.handle.remove()
+        self.shared.clear()
+
+
+def input_hooks(targets: list, gram: bool) -> dict[str, InputHook]:
+    """An ``InputHook`` per non-expert target, sharing the statistics of inputs they have in common."""
+    shared = SharedInputs()
+    return {t.name: InputHook(t.module, t.weight.shape[1], gram, shared) for t in targets if t.kind != "expert"}
