@@ -68,15 +68,16 @@ class SharedInputs:
     def __init__(self) -> None:
         self._key: Optional[tuple] = None
         self._src: Optional[Tensor] = None
-        self._value: Optional[tuple[Tensor, Tensor, Optional[Tensor]]] = None
+        self._value: Optional[tuple[int, Tensor, Optional[Tensor]]] = None
 
-    def contribution(self, src: Tensor, c_in: int, gram: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """(x [tokens, c_in] in float32, sum over tokens of x^2, x^T x or None) of the input ``src``."""
+    def contribution(self, src: Tensor, c_in: int, gram: bool) -> tuple[int, Tensor, Optional[Tensor]]:
+        """(tokens, sum over tokens of x^2, x^T x or None) of the input ``src`` as x [tokens, c_in]
+        in float32."""
         key = (_version(src), c_in, gram)
         if self._src is src and key[0] is not None and self._key == key:
             return self._value
         x = src.detach().reshape(-1, c_in).float()
-        value = (x, (x * x).sum(0), x.T @ x if gram else None)
+        value = (x.shape[0], (x * x).sum(0), x.T @ x if gram else None)
         self._src, self._key, self._value = src, key, value
         return value
 
@@ -96,9 +97,8 @@ class InputHook:
     """Forward hook on a module: accumulates the statistics of its first input, flattened to C_in.
     Hooks given one ``SharedInputs`` compute the statistics of an input they share only once."""
 
-    def __init__(self, module: nn.Module, c_in: int, gram: bool, shared: Optional[SharedInputs] = None) -> None:
-        self.c_in, self.want_gram = c_in, gram
-        self.shared = shared if shared is not None else SharedInputs()
+    def __init__(self, module: nn.Module, c_in: int, gram: bool, shared: SharedInputs) -> None:
+        self.c_in, self.want_gram, self.shared = c_in, gram, shared
         self.stats: Optional[TargetStats] = None
         self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
 
@@ -106,17 +106,17 @@ class InputHook:
         src = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
         if src.numel() == 0:
             return
-        x, sq, gram = self.shared.contribution(src, self.c_in, self.want_gram)
+        tokens, sq, gram = self.shared.contribution(src, self.c_in, self.want_gram)
         if self.stats is None:
-            z = torch.zeros(self.c_in, device=x.device)
-            g = torch.zeros(self.c_in, self.c_in, device=x.device) if self.want_gram else None
+            z = torch.zeros(self.c_in, device=sq.device)
+            g = torch.zeros(self.c_in, self.c_in, device=sq.device) if self.want_gram else None
             self.stats = TargetStats(z, None, g)
         st = self.stats
         st.sq += sq
         if st.gram is not None:
             st.gram += gram
         st.ncalls += 1
-        st.ntokens += x.shape[0]
+        st.ntokens += tokens
 
     def result(self, device: torch.device) -> TargetStats:
         if self.stats is None:   # never reached by a token
