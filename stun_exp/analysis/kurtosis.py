@@ -10,12 +10,14 @@ Moments are combinable (n, mean, M2, M3, M4 of centred sums; Pebay 2008, the pai
 Chan et al. extended to the 3rd and 4th moments): each chunk of a weight is read ONCE, its power
 sums sum(x^p), p = 1..4, are centred in float64 (a chunk whose mean is not small against its
 spread is summed again centred on its mean), and chunks, matrices, layers and the whole model are
-merged from those summaries in float64. Pooled figures therefore cost no extra pass. Precision: a
-chunk's sums are taken in float32 for float32 / 16-bit weights (float64 for float64 weights), in
+merged from those summaries in float64. Pooled figures therefore cost no extra pass. Precision: here
+a chunk's sums are taken in float32 for float32 / 16-bit weights (float64 for float64 weights), in
 1 MB chunks: the kurtosis then agrees with a float64 computation to a few 1e-6 relative (worst
 3e-6 over the matrices of a random 65 M-parameter Mixtral, dense and half-zero; tests allow 1e-5),
 at about half the cost of float64 chunks. Larger chunks are faster still but less precise (7e-6
-at 2 MB, 1.4e-5 at 4 MB).
+at 2 MB, 1.4e-5 at 4 MB). The post-run analysis usually takes the sums with the C extension instead
+(``analysis.weight_report``: float32 over 256 terms, float64 beyond; worst 2e-7 on the benchmark's
+small Mixtral); the report's ``sums`` names the engine.
 
 Granularity (STUN's released code has no kurtosis computation and the paper's convention was not
 published; this is our stated default):
@@ -40,7 +42,7 @@ import torch
 CHUNK = 1 << 18   # entries per chunk (1 MB of float32): big enough that per-chunk Python work is negligible
 RAW_OFFSET = 1e-2   # mean^2 / (mean^2 + variance) above which a chunk is centred before its sums
 CONVENTION = ("plain = m4/m2^2 (normal = 3); excess = plain - 3; combinable central moments "
-              "(fp32 chunk sums, fp64 merges)")
+              "(fp32 partial sums, fp64 merges)")
 
 
 @dataclass(frozen=True)
@@ -107,10 +109,17 @@ def sums_to_moments(c: torch.Tensor, sums: tuple[float, float, float, float], ze
     n = c.numel() - zeros
     if n <= 0:
         return Moments()
+    raw = raw_moments(n, sums)
+    return raw if raw is not None else _centred_moments(c, n, sums[0] / n, zeros, scratch)
+
+
+def raw_moments(n: int, sums: Sequence[float]) -> Optional[Moments]:
+    """Centred moments of ``n`` numbers from their power sums S1..S4, or None where centring the raw
+    sums would lose precision (see ``RAW_OFFSET``: the chunk must then be summed centred)."""
     s1, s2, s3, s4 = sums
     mu = s1 / n
     if not (s2 > 0 and n * mu * mu <= RAW_OFFSET * s2):
-        return _centred_moments(c, n, mu, zeros, scratch)
+        return None
     m2 = s2 - s1 * mu
     m3 = s3 - 3.0 * mu * s2 + 2.0 * n * mu ** 3
     m4 = s4 - 4.0 * mu * s3 + 6.0 * mu * mu * s2 - 3.0 * n * mu ** 4
@@ -156,18 +165,33 @@ class ChunkReader:
         (default: torch's count) reads it from there (counting first, from memory, made the whole
         read ~15 % slower).
         """
-        work = torch.float64 if part.dtype == torch.float64 else torch.float32
-        buf, scratch = self._buffers(work, part.device)
-        w = part
-        if part.dtype != work:
-            buf[:part.numel()].copy_(part)
-            w = buf[:part.numel()]
+        w, scratch = self._widened(part)
         sums = power_sums(w, scratch)
         if count_zeros is not None:
             zeros = count_zeros(part)
         else:
             zeros = part.numel() - int(torch.count_nonzero(part)) if drop_zeros else 0
         return zeros, sums_to_moments(w, sums, zeros if drop_zeros else 0, scratch)
+
+    def from_sums(self, part: torch.Tensor, sums: Sequence[float], zeros: int) -> Moments:
+        """Moments of one chunk from power sums taken elsewhere (the native scan), without ``zeros``
+        of its zero entries; the chunk is read again only where it must be summed centred."""
+        n = part.numel() - zeros
+        if n <= 0:
+            return Moments()
+        raw = raw_moments(n, sums)
+        if raw is not None:
+            return raw
+        w, scratch = self._widened(part)
+        return _centred_moments(w, n, sums[0] / n, zeros, scratch)
+
+    def _widened(self, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the chunk in its work dtype, the scratch buffer)."""
+        work = torch.float64 if part.dtype == torch.float64 else torch.float32
+        buf, scratch = self._buffers(work, part.device)
+        if part.dtype == work:
+            return part, scratch
+        return buf[:part.numel()].copy_(part), scratch
 
 
 def tensor_moments(t: torch.Tensor, nonzero_only: bool = False, chunk: int = CHUNK,
@@ -234,11 +258,13 @@ def kurtosis_report(adapter: Any, nonzero_only: bool = False, chunk: int = CHUNK
     reader = ChunkReader(chunk)
     rows = [(layer, t, tensor_moments(t.weight, nonzero_only, chunk, reader))
             for layer in range(len(adapter.layers)) for t in adapter.linear_targets(layer)]
-    return report_from_moments(rows, nonzero_only)
+    return report_from_moments(rows, nonzero_only, "torch")
 
 
-def report_from_moments(rows: Sequence[tuple[int, Any, Moments]], nonzero_only: bool) -> dict[str, Any]:
-    """The kurtosis report from per-matrix moments (layer, target, Moments); pooled values merge them."""
+def report_from_moments(rows: Sequence[tuple[int, Any, Moments]], nonzero_only: bool,
+                        sums: Optional[str] = None) -> dict[str, Any]:
+    """The kurtosis report from per-matrix moments (layer, target, Moments); pooled values merge them.
+    ``sums``: the engine(s) that took the power sums (``analysis.weight_report.engine``), recorded."""
     per_matrix: list[dict[str, Any]] = []
     pooled_layer: dict[int, Moments] = {}
     expert_all, everything = Moments(), Moments()
@@ -252,7 +278,7 @@ def report_from_moments(rows: Sequence[tuple[int, Any, Moments]], nonzero_only: 
             expert_all = expert_all + mom
     out = {"nonzero_only": nonzero_only,
            "label": "non-zero entries only" if nonzero_only else "all entries",
-           "convention": CONVENTION, "per_matrix": per_matrix}
+           "convention": CONVENTION, "sums": sums, "per_matrix": per_matrix}
     pooled = {layer: m.kurtosis() for layer, m in pooled_layer.items()}
     out.update(summarize(per_matrix, pooled, {"expert_pooled": expert_all.kurtosis(),
                                               "all_pooled": everything.kurtosis()}))

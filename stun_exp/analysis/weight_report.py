@@ -10,12 +10,21 @@ the ledger's order, reads each weight once in small chunks and takes from each c
 The outputs have the shapes of ``sparsity.census``, ``kurtosis.kurtosis_report`` and
 ``sparsity.mask_digest`` (tested equal), so a run calls this once where it called those three.
 
-On CPU the weights are read by ``torch.get_num_threads()`` worker threads, one weight each, with
-torch single-threaded inside a worker: the read is a chain of short operations per chunk (a
-product, four reductions, a comparison, bit packing), which parallelise poorly inside one
-operation, while whole weights are independent. The digest is fed in target order by the calling
-thread. Each weight's sums are then taken by one thread whatever the thread count, so the kurtosis
-does not depend on it.
+Two engines take a chunk's figures, with the same outputs (tested: the counts and the digest are
+equal, the kurtosis agrees to ~1e-6 relative):
+  * ``native``: float32 and bfloat16 weights on the CPU, when the package was built with its C
+    extension (``_scan.c``, compiled at install where a C compiler is present). Every entry is read
+    once for its power sums, zero count and zero bit: about a third of the torch engine's time on a
+    float32 model, and closer to a float64 computation (its float32 sums run over 256 terms).
+  * ``torch``: every other weight (other dtypes, weights on an accelerator, an install without the
+    extension): a product, four reductions, a comparison and a bit packing per chunk.
+The kurtosis report records the engine(s) that read the weights (``sums``).
+
+On CPU the weights are read by ``torch.get_num_threads()`` worker threads, one weight each (the
+native scan releases the GIL; a torch worker runs torch single-threaded: a chain of short
+operations parallelises poorly inside one operation, while whole weights are independent). The
+digest is fed in target order by the calling thread. Each weight's sums are taken by one thread
+whatever the thread count, so the kurtosis does not depend on it.
 """
 from __future__ import annotations
 
@@ -31,6 +40,13 @@ import torch
 
 from stun_exp.analysis import kurtosis as K
 from stun_exp.analysis import sparsity as S
+
+try:
+    from stun_exp.analysis import _scan as native
+except ImportError:          # installed without a C compiler: the torch engine reads every weight
+    native = None
+
+_NATIVE_KINDS = {torch.float32: 0, torch.bfloat16: 1}      # _scan.c's ``kind`` codes
 
 Scan = tuple[int, K.Moments, list]     # (non-zero count, moments, packed zero bits per chunk)
 
@@ -59,8 +75,20 @@ class _Reader:
         self.chunks, self.buf = K.ChunkReader(chunk), np.empty(chunk, dtype=bool)
 
 
+def engine(w: torch.Tensor) -> str:
+    """The engine that reads ``w``: ``native`` or ``torch`` (see the module docstring)."""
+    return "native" if native is not None and w.device.type == "cpu" and w.dtype in _NATIVE_KINDS else "torch"
+
+
+def engines(weights: Iterable[torch.Tensor]) -> str:
+    """The engines that read ``weights``, e.g. ``native`` or ``native+torch``."""
+    return "+".join(sorted({engine(w) for w in weights}))
+
+
 def _scan(w: torch.Tensor, nonzero_only: bool, digest: bool, reader: _Reader) -> Scan:
     """(non-zero count, moments, zero bits) of one weight."""
+    if engine(w) == "native":
+        return _native_scan(w.detach().reshape(-1), nonzero_only, digest, reader.chunks)
     flat, acc, zeros, chunk = w.detach().reshape(-1), K.Moments(), 0, reader.chunks.chunk
     bits: Optional[list] = [] if digest else None
     count = functools.partial(_zeros, bits=bits, buf=reader.buf)
@@ -68,6 +96,26 @@ def _scan(w: torch.Tensor, nonzero_only: bool, digest: bool, reader: _Reader) ->
         z, mom = reader.chunks.moments(flat[i:i + chunk], count, nonzero_only)
         zeros, acc = zeros + z, acc + mom
     return flat.numel() - zeros, acc, bits or []
+
+
+def _native_scan(flat: torch.Tensor, nonzero_only: bool, digest: bool, chunks: K.ChunkReader) -> Scan:
+    """``_scan`` by the C extension: one pass for every chunk's power sums and zero count and the
+    whole weight's zero bits (the bytes ``np.packbits`` gives chunk by chunk, as chunks hold a
+    multiple of 8 entries); moments are then formed per chunk, as the torch engine forms them."""
+    n, chunk = flat.numel(), chunks.chunk
+    sums, zeros = np.empty((-(-n // chunk), 4)), np.empty(-(-n // chunk), dtype=np.int64)
+    bits = np.empty(-(-n // 8), dtype=np.uint8) if digest else None
+    src = flat.numpy() if flat.dtype == torch.float32 else flat.view(torch.int16).numpy()
+    native.scan(src, _NATIVE_KINDS[flat.dtype], chunk, sums, zeros, bits)
+    acc = K.Moments()
+    for i, (s, z) in enumerate(zip(sums.tolist(), zeros.tolist())):
+        dropped = z if nonzero_only else 0
+        size = min(chunk, n - i * chunk) - dropped
+        mom = K.raw_moments(size, s) if size > 0 else K.Moments()
+        if mom is None:              # a chunk far from zero mean: summed again, centred
+            mom = chunks.from_sums(flat[i * chunk:(i + 1) * chunk], s, dropped)
+        acc = acc + mom
+    return n - int(zeros.sum()), acc, [bits] if digest else []
 
 
 def _workers(weights: list[torch.Tensor]) -> int:
@@ -141,7 +189,8 @@ def weight_report(model: torch.nn.Module, adapter: Any, nonzero_only: bool = Fal
     rows = read_targets(items, nonzero_only, h, chunk)
     counts = [(l, t, n, nz) for l, t, n, nz, _ in rows]
     out = {"census": S.census_from_counts(model, adapter, counts),
-           "kurtosis": K.report_from_moments([(l, t, mom) for l, t, _, _, mom in rows], nonzero_only),
+           "kurtosis": K.report_from_moments([(l, t, mom) for l, t, _, _, mom in rows], nonzero_only,
+                                             engines(t.weight for _, t in items)),
            "mask_digest": h.hexdigest()[:16] if h is not None else None}
     if is_targeted is not None:
         sel = [(n, n - nz) for _, t, n, nz in counts if is_targeted(t)]

@@ -79,14 +79,17 @@ class LayerReport:
         self.nonzero_only = nonzero_only
         self.rows: list[tuple[int, Any, Any]] = []
         self.digest = hashlib.sha256() if digest else None
+        self.engines: set[str] = set()
 
     def add_layer(self, adapter: Any, l: int) -> None:
         """One read of each of the layer's weights (``analysis.weight_report``'s scan: zero count,
         zero bits for the digest, moments), as the in-memory runtime reads the whole model."""
         from dataclasses import replace
 
-        from ..analysis.weight_report import read_targets
-        rows = read_targets([(l, t) for t in adapter.linear_targets(l)], self.nonzero_only, self.digest)
+        from ..analysis.weight_report import engine, read_targets
+        items = [(l, t) for t in adapter.linear_targets(l)]
+        self.engines.update(engine(t.weight) for _, t in items)
+        rows = read_targets(items, self.nonzero_only, self.digest)
         for _, t, _, _, mom in rows:
             self.rows.append((l, replace(t, weight=torch.empty(0), module=None), mom))
         self.census.add_counts(adapter, l, [(l, t, n, nz) for l, t, n, nz, _ in rows])
@@ -94,6 +97,6 @@ class LayerReport:
     def finish(self, model: nn.Module, adapter: Any) -> dict[str, Any]:
         from ..analysis.kurtosis import report_from_moments
         return {"census": self.census.finish(model, adapter),
-                "kurtosis": report_from_moments(self.rows, self.nonzero_only),
+                "kurtosis": report_from_moments(self.rows, self.nonzero_only, "+".join(sorted(self.engines))),
                 "mask_digest": self.digest.hexdigest()[:16] if self.digest is not None else None,
                 "targeted": self.census.targeted if self.census.is_targeted is not None else None}
