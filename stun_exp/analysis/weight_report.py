@@ -48,7 +48,7 @@ except ImportError:          # installed without a C compiler: the torch engine 
 
 _NATIVE_KINDS = {torch.float32: 0, torch.bfloat16: 1}      # _scan.c's ``kind`` codes
 
-Scan = tuple[int, K.Moments, list]     # (non-zero count, moments, packed zero bits per chunk)
+Scan = tuple[int, K.Moments, list]     # (non-zero count, moments, the packed zero bits in pieces)
 
 
 def _zeros(part: torch.Tensor, bits: Optional[list], buf: Any) -> int:
