@@ -46,6 +46,15 @@ def test_key_follows_files_config_dtype_and_runtime(tmp_path):
     assert dense_cache.checkpoint_files(str(tmp_path / "missing-dir")) is None
 
 
+def test_key_follows_the_analysis_engine(tmp_path, monkeypatch):
+    """An install without the C scan rounds the kurtosis differently: it does not reuse its entries."""
+    from stun_exp.analysis import weight_report
+    src = _save(tmp_path / "m")
+    k = _key(src)
+    monkeypatch.setattr(weight_report, "native", None if weight_report.native is not None else object())
+    assert _key(src) != k
+
+
 def test_hit_miss_off_and_unreadable_entry(tmp_path):
     calls = []
 

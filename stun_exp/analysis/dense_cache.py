@@ -6,11 +6,12 @@ weight (about 0.1 s per 65 M float32 weights on two CPU cores, a minute or more 
 a full layer-by-layer read of the checkpoint under ``runtime=streaming``).
 
 The key is everything the numbers depend on: the checkpoint's files (name, size, inode, mtime_ns
-and ctime_ns of each: a rewritten or replaced file changes its ctime, which tools cannot set
-back), the resolved ``model`` config node, the dtype and device type the weights were read in, the
-runtime, and the source of the analysis and model-adapter code. A model with no local files to
-fingerprint is never cached. On a filesystem with coarse timestamps, a checkpoint rewritten within
-the same tick at the same size would not be noticed: ``analysis_cache=false`` turns the cache off.
+and ctime_ns of each: a rewritten or replaced file changes its ctime, which tools cannot set back),
+the resolved ``model`` config node, the dtype and device type the weights were read in, the
+runtime, the source of the analysis and model-adapter code, and whether the analysis' C scan is
+built. A model with no local files to fingerprint is never cached. On a filesystem with coarse
+timestamps, a checkpoint rewritten within the same tick at the same size would not be noticed:
+``analysis_cache=false`` turns the cache off.
 Entries are written atomically but not fsynced (an unreadable entry is recomputed and replaced).
 ``results.json`` records ``dense_analysis: {"cache": "hit" | "miss" | "off" | "no key", "key": ...}``.
 """
@@ -44,13 +45,16 @@ def checkpoint_files(source: str) -> Optional[list[list]]:
 
 
 def code_digest() -> str:
-    """sha256 of the analysis and model-adapter sources (a change there may change the numbers)."""
+    """sha256 of the analysis and model-adapter sources (a change there may change the numbers) and
+    of whether the analysis' C scan is built (its sums round differently from the torch engine's)."""
+    from stun_exp.analysis import weight_report
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for sub in ("analysis", "models"):
-        for p in sorted((root / sub).glob("*.py")):
+        for p in sorted(q for pattern in ("*.py", "*.c") for q in (root / sub).glob(pattern)):
             h.update(p.name.encode())
             h.update(p.read_bytes())
+    h.update(b"native scan" if weight_report.native is not None else b"torch scan")
     return h.hexdigest()
 
 
