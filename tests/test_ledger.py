@@ -85,3 +85,18 @@ def test_unreachable_targets_are_config_errors():
         ledger.derive_unstructured_ratio(0.1, dense, a, lambda t: True)
     with pytest.raises(ConfigError, match="unstructured scope"):
         ledger.derive_unstructured_ratio(0.99, dense, a, lambda t: t.kind == "attention")
+
+
+def test_mask_digest_hashes_each_targets_header_and_zero_bits_in_order():
+    import numpy as np
+    import xxhash
+    m = FakeModel()
+    a = FakeAdapter(m)
+    m.experts.data[1, 2, 0, 1] = 0.0
+    h = xxhash.xxh3_128()
+    for t in a.linear_targets(0):
+        h.update(f"0:{t.name}:{tuple(t.weight.shape)}".encode())
+        h.update(np.packbits([float(v) == 0.0 for v in t.weight.flatten().tolist()]).tobytes())
+    assert ledger.mask_digest(a) == h.hexdigest()[:16]
+    m.experts.data[1, 2, 0, 1] = 1.0            # one entry less at zero: another digest
+    assert ledger.mask_digest(a) != h.hexdigest()[:16]

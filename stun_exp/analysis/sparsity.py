@@ -172,18 +172,26 @@ def ratio_from_counts(total: float, original: dict[str, Any], now_nz: int, tgt_n
     return {"total_target": total, "structured_share": already, "unstructured_ratio": ratio}
 
 
+def new_digest() -> Any:
+    """The running hash behind ``mask_digest``: 128-bit xxh3, printed as its first 16 hex digits.
+    It names a mask, it guards nothing, so a non-cryptographic hash fits; sha256 took 45 ms per
+    7 MB of packed zero bits on a CPU without SHA instructions, about half of a run's read of the
+    pruned weights, where xxh3 takes under 1 ms. Digests from sha256 (earlier versions) differ."""
+    import xxhash
+    return xxhash.xxh3_128()
+
+
 def mask_digest(adapter: Any) -> str:
-    """sha256 over the zero patterns of every decoder Linear weight, in target order: two runs
-    with identical masks (and expert layouts) give the same digest."""
-    import hashlib
-    h = hashlib.sha256()
+    """Hash (``new_digest``) over the zero patterns of every decoder Linear weight, in target order:
+    two runs with identical masks (and expert layouts) give the same digest."""
+    h = new_digest()
     for l in range(len(adapter.layers)):
         digest_layer(h, adapter, l)
     return h.hexdigest()[:16]
 
 
 def digest_layer(h: Any, adapter: Any, l: int) -> None:
-    """Add decoder layer l's zero patterns to the running ``hashlib`` digest ``h`` (streaming adds one
+    """Add decoder layer l's zero patterns to the running digest ``h`` (``new_digest``) (streaming adds one
     layer at a time: the same digest as ``mask_digest`` of the whole model)."""
     import numpy as np
     for t in adapter.linear_targets(l):

@@ -30,7 +30,6 @@ whatever the thread count, so the kurtosis does not depend on it.
 from __future__ import annotations
 
 import functools
-import hashlib
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -157,8 +156,8 @@ def _scans(weights: list[torch.Tensor], nonzero_only: bool, digest: bool, chunk:
 def read_targets(items: Iterable[tuple[int, Any]], nonzero_only: bool, digest: Optional[Any],
                  chunk: int = K.CHUNK) -> list[tuple[int, Any, int, int, K.Moments]]:
     """(layer, target, numel, non-zero count, moments) of each (layer, target) in ``items``, read
-    once; their headers and zero bits go to the ``hashlib``-style ``digest`` (when given) in order,
-    as ``sparsity.digest_layer`` writes them."""
+    once; their headers and zero bits go to the running ``digest`` (``sparsity.new_digest``, when
+    given) in order, as ``sparsity.digest_layer`` writes them."""
     items = list(items)
     chunk = max(8, chunk - chunk % 8)
     rows = []
@@ -180,7 +179,7 @@ def weight_report(model: torch.nn.Module, adapter: Any, nonzero_only: bool = Fal
                   chunk: int = K.CHUNK) -> dict[str, Any]:
     """``{"census", "kurtosis", "mask_digest"}`` (+ ``"targeted": (numel, zeros)`` when a filter is
     given). ``digest=False`` skips the zero-pattern hash (``mask_digest`` is then None)."""
-    h = hashlib.sha256() if digest else None
+    h = S.new_digest() if digest else None
     items = [(l, t) for l in range(len(adapter.layers)) for t in adapter.linear_targets(l)]
     rows = read_targets(items, nonzero_only, h, chunk)
     counts = [(l, t, n, nz) for l, t, n, nz, _ in rows]

@@ -74,11 +74,11 @@ class LayerReport:
 
     def __init__(self, is_targeted: Optional[Callable[[Any], bool]] = None, nonzero_only: bool = False,
                  digest: bool = True) -> None:
-        import hashlib
+        from ..analysis.sparsity import new_digest
         self.census = LayerCensus(is_targeted)
         self.nonzero_only = nonzero_only
         self.rows: list[tuple[int, Any, Any]] = []
-        self.digest = hashlib.sha256() if digest else None
+        self.digest = new_digest() if digest else None
         self.engines: set[str] = set()
 
     def add_layer(self, adapter: Any, l: int) -> None:
