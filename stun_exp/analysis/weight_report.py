@@ -15,8 +15,9 @@ equal, the kurtosis agrees to ~1e-6 relative):
   * ``native``: float32 and bfloat16 weights on the CPU, when the package was built with its C
     extension (``_scan.c``, compiled at install where a C compiler is present). Every entry is read
     once for its power sums, zero count and zero bit: the scan takes about a third of the torch
-    chain's time, a whole read after pruning about 0.6 of it (105 vs 182 ms on the benchmark's small
-    model), and it is closer to a float64 computation (its float32 sums run over 256 terms).
+    chain's time, a whole read after pruning under half of it (64 vs 148 ms on the benchmark's
+    small model, 84 vs 177 ms on its wide one), and it is closer to a float64 computation (its
+    float32 sums run over 256 terms).
   * ``torch``: every other weight (other dtypes, weights on an accelerator, an install without the
     extension): a product, four reductions, a comparison and a bit packing per chunk.
 The kurtosis report records the engine(s) that read the weights (``sums``).
