@@ -191,8 +191,8 @@ def mask_digest(adapter: Any) -> str:
 
 
 def digest_layer(h: Any, adapter: Any, l: int) -> None:
-    """Add decoder layer l's zero patterns to the running digest ``h`` (``new_digest``) (streaming adds one
-    layer at a time: the same digest as ``mask_digest`` of the whole model)."""
+    """Add decoder layer l's zero patterns to the running digest ``h`` of ``new_digest``. Streaming
+    adds one layer at a time: the same digest as ``mask_digest`` of the whole model."""
     import numpy as np
     for t in adapter.linear_targets(l):
         h.update(f"{l}:{t.name}:{tuple(t.weight.shape)}".encode())
