@@ -195,5 +195,11 @@ def digest_layer(h: Any, adapter: Any, l: int) -> None:
     adds one layer at a time: the same digest as ``mask_digest`` of the whole model."""
     import numpy as np
     for t in adapter.linear_targets(l):
-        h.update(f"{l}:{t.name}:{tuple(t.weight.shape)}".encode())
+        h.update(digest_header(l, t))
         h.update(np.packbits((t.weight == 0).flatten().cpu().numpy()).tobytes())
+
+
+def digest_header(l: int, target: Any) -> bytes:
+    """What the digest reads before a target's zero bits: its layer, name and shape (so a removed
+    expert or a reshaped matrix changes the digest even where the bits happen to agree)."""
+    return f"{l}:{target.name}:{tuple(target.weight.shape)}".encode()

@@ -166,7 +166,7 @@ def read_targets(items: Iterable[tuple[int, Any]], nonzero_only: bool, digest: O
     try:
         for (nz, mom, bits), (l, t) in zip(scans, items):
             if digest is not None:
-                digest.update(f"{l}:{t.name}:{tuple(t.weight.shape)}".encode())
+                digest.update(S.digest_header(l, t))
                 for b in bits:
                     digest.update(b)
             rows.append((l, t, t.weight.numel(), nz, mom))
