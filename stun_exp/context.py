@@ -46,4 +46,4 @@ class RunContext:
             return self.runtime.make_engine(self, desc, select, gram=gram, final=final)
         from stun_exp.pruning.weights.engine import SequentialEngine
         return SequentialEngine(self.model, self.adapter, self.calib, self.device, select, self.counters,
-                                gram=gram, desc=desc)
+                                gram=gram, desc=desc, final=final)

@@ -107,7 +107,7 @@ class InMemoryRuntime:
     def make_engine(self, ctx: Any, desc: str, select: Any, gram: bool = False, final: bool = False) -> Any:
         from stun_exp.pruning.weights.engine import SequentialEngine
         return SequentialEngine(self.model, self.adapter, ctx.calib, self.device, select, ctx.counters,
-                                gram=gram, desc=desc)
+                                gram=gram, desc=desc, final=final)
 
     def plan_experts(self, pruner: Any, ctx: Any) -> Any:
         return pruner.plan(ctx)

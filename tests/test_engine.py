@@ -155,8 +155,8 @@ def test_shared_input_statistics_equal_per_matrix_ones_bit_for_bit(monkeypatch):
     shared_hooks = engine_mod.input_hooks
     for shared in (True, False):
         if not shared:        # one SharedInputs per hook: every matrix computes its own
-            monkeypatch.setattr(engine_mod, "input_hooks", lambda targets, gram: {
-                n: h for t in targets if t.kind != "expert" for n, h in shared_hooks([t], gram).items()})
+            monkeypatch.setattr(engine_mod, "input_hooks", lambda targets, gram, on_read=None: {
+                n: h for t in targets if t.kind != "expert" for n, h in shared_hooks([t], gram, on_read).items()})
         got, computed[:] = {}, []
 
         def process(l, targets, stats, got=got):
@@ -233,3 +233,68 @@ def test_cuda_engine_matches_cpu_and_offloads_layers():
         assert all(p.device.type == "cpu" for p in model.parameters())
         masks.append([p.detach() == 0 for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*masks))
+
+
+def _wanda_half(collected):
+    """A pruning pass's callback: Wanda 50 % on every target, statistics kept for comparison."""
+    def process(l, targets, stats):
+        collected[l] = stats
+        for t in targets:
+            apply_mask_(t.weight, row_mask(wanda_score(t.weight, stats[t.name].sq), 0.5))
+        return True
+    return process
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "olmoe", "arctic"])
+def test_pruning_pass_skipping_expert_outputs_changes_no_statistic_or_weight(arch):
+    """final=True (the pass that prunes) lets the observe forward skip the routed experts' down
+    projections; every statistic and every pruned weight equals the pass that computes them."""
+    calib = tiny_input(4, 12)
+    got, models, engines = {}, {}, {}
+    for final in (False, True):
+        models[final] = tiny_model(arch)
+        got[final] = {}
+        engines[final] = SequentialEngine(models[final], get_adapter(models[final]), calib, torch.device("cpu"),
+                                          lambda t: True, final=final)
+        engines[final].run(_wanda_half(got[final]))
+    assert engines[False].partial_layers == 0
+    for l, stats in got[False].items():
+        for name, st in stats.items():
+            other = got[True][l][name]
+            assert torch.equal(st.sq, other.sq), (arch, l, name)
+            assert (st.gsq is None) == (other.gsq is None) and (st.gsq is None or torch.equal(st.gsq, other.gsq))
+            assert (st.ncalls, st.ntokens, st.nblock) == (other.ncalls, other.ntokens, other.nblock)
+    for (n, a), b in zip(models[False].state_dict().items(), models[True].state_dict().values()):
+        assert torch.equal(a, b), (arch, n)
+    # skipped where the routed experts run last in the layer; never where a targeted matrix reads its
+    # input after them (a shared expert after the routed ones) or the experts are a ModuleList
+    expect_skip = arch in ("mixtral", "gpt_oss", "olmoe")
+    assert (engines[True].partial_layers > 0) == expect_skip, (arch, engines[True].partial_layers)
+
+
+def test_a_pruning_pass_that_changes_nothing_still_propagates_complete_outputs():
+    """With outputs skipped in observe, a layer whose process changed nothing is re-run: the next
+    layer still sees the model's own hidden states."""
+    model = tiny_model("mixtral")
+    calib = tiny_input(3, 10)
+    seen = {}
+    hook = model.model.layers[1].register_forward_pre_hook(
+        lambda m, a, kw: seen.setdefault("h", []).append((a[0] if a else kw["hidden_states"]).clone()),
+        with_kwargs=True)
+    with torch.no_grad():
+        for j in range(3):
+            model(input_ids=calib[j:j + 1])
+    hook.remove()
+    eng = SequentialEngine(model, get_adapter(model), calib, torch.device("cpu"), lambda t: True, final=True)
+    got = []
+    orig = eng._forward
+
+    def spy(layer, h, args, as_kw):
+        if layer is model.model.layers[1]:
+            got.append(h.clone())
+        return orig(layer, h, args, as_kw)
+    eng._forward = spy
+    eng.run(lambda l, t, s: False)
+    assert eng.partial_layers == 2
+    for j in range(3):
+        assert torch.equal(got[j], seen["h"][j])

@@ -4,7 +4,8 @@
         model(batch)                      # or a single decoder layer / MoE block forward
     obs.stats[l]                          # LayerStats (see stats.py)
 
-How it sees what the model really does, without changing outputs or holding activations:
+How it sees what the model really does, without changing outputs (unless told to skip them) or
+holding activations:
 - Fused experts (transformers 5): a custom entry "stun_observe" in transformers'
   ``ALL_EXPERTS_FUNCTIONS`` registry is switched on only inside the ``with`` block (the previous
   implementation is restored on exit). It receives the model's own (hidden, top_k_index,
@@ -13,6 +14,10 @@ How it sees what the model really does, without changing outputs or holding acti
 - ModuleList experts (Arctic remote code): a forward pre-hook on the MoE block re-runs the router
   and the adapter's routing rule (tested equal to the model's) and recomputes act(gate x)·up x for
   the routed tokens (extra compute during calibration only).
+- ``outputs = False`` (set by a caller that re-runs the layer anyway, e.g. the pruning pass of the
+  sequential engine): fused experts stop after their gating step and return zeros instead of
+  their output, so the down projections (a third of the experts' compute) are not spent on a
+  result nobody reads. Every statistic is recorded exactly as with outputs on.
 - zero_output-pruned layers keep their router, so the routing recorded is the model's real one
   (pruned experts are still chosen and counted; their h is zero).
 Anything that calls a router or experts module while observing is recorded, including
@@ -20,7 +25,7 @@ Anything that calls a router or experts module while observing is recorded, incl
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -56,21 +61,27 @@ def _observe_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
     prev = _previous_forward(self, obs)
     if not observed:
         return prev(self, hidden_states, top_k_index, top_k_weights)
+    if obs.on_experts is not None:
+        obs.on_experts()
     ad, st = obs.adapter, obs._layer_stats(l)
     hidden_fn = lambda e, x: ad.expert_hidden(l, e, x)
     if obs._prev_impl in (None, "eager"):
         out = torch.zeros_like(hidden_states)
         observe_tokens(st, hidden_states, top_k_index, top_k_weights, hidden_fn,
-                       lambda e, h: ad.expert_output(l, e, h), out)
+                       lambda e, h: ad.expert_output(l, e, h), out if obs.outputs else None)
+        obs.skipped += not obs.outputs
         return out
     with torch.no_grad():
         out, rows = _forward_keeping_hidden(self, prev, obs._prev_impl, hidden_states, top_k_index,
-                                            top_k_weights)
+                                            top_k_weights, obs.outputs)
         if rows is not None and l not in obs._rows_checked:
             obs._rows_checked[l] = rows_match(rows, hidden_states, top_k_index, hidden_fn)
         if not obs._rows_checked.get(l, False):
             rows = None
         observe_tokens(st, hidden_states, top_k_index, top_k_weights, hidden_fn, hidden_rows=rows)
+    if out is None:
+        obs.skipped += 1
+        out = torch.zeros_like(hidden_states)
     return out
 
 
@@ -81,26 +92,37 @@ def _observe_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
 _ROW_ORDER = {"grouped_mm": lambda ids: torch.sort(ids).indices, "batched_mm": lambda ids: None}
 
 
+class _GateDone(Exception):
+    """Raised from inside the experts implementation once its gated hidden states exist."""
+
+
 def _forward_keeping_hidden(ex: nn.Module, prev: Any, impl: Optional[str], x: torch.Tensor,
-                            ids: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(prev's output, its gated hidden states in flat (token, slot) order [N*k, I] or None).
+                            ids: torch.Tensor, w: torch.Tensor, outputs: bool = True
+                            ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(prev's output or None, its gated hidden states in flat (token, slot) order [N*k, I] or None).
 
     The hidden states are read from the implementation's one call of ``_apply_gate`` (the input
     of every down projection); None when the layout is unknown or the gate was not called once.
+    ``outputs=False``: the implementation is stopped right after that call (no down projections)
+    and the output is None; where the gate cannot be intercepted it does not run at all.
     """
     order = _ROW_ORDER.get(impl or "")
     gate = getattr(type(ex), "_apply_gate", None)
     if order is None or gate is None or "_apply_gate" in vars(ex):
-        return prev(ex, x, ids, w), None
+        return (prev(ex, x, ids, w) if outputs else None), None
     seen: list[torch.Tensor] = []
 
     def keep(gate_up: torch.Tensor) -> torch.Tensor:
         h = gate(ex, gate_up)
         seen.append(h)
+        if not outputs:
+            raise _GateDone
         return h
     ex._apply_gate = keep
     try:
         out = prev(ex, x, ids, w)
+    except _GateDone:
+        out = None
     finally:
         del ex._apply_gate
     flat = ids.reshape(-1)
@@ -148,6 +170,9 @@ class ExpertObserver:
         self._keys: list[int] = []
         self._prev_impl: Optional[str] = None
         self._rows_checked: dict[int, bool] = {}   # layer -> kept hidden rows verified equal to recompute
+        self.outputs = True            # False: fused experts return zeros, not their output (docstring)
+        self.skipped = 0               # experts calls that returned zeros instead of their output
+        self.on_experts: Optional[Callable[[], None]] = None   # called as each observed experts call starts
 
     # ---- stats -------------------------------------------------------------------------------
     def _layer_stats(self, l: int) -> LayerStats:

@@ -12,10 +12,8 @@ Two extras:
   are stored there on CPU. This is the streaming calibration pass the expert pruners need (select
   nothing, process nothing).
 * ``offload_dir``: calibration activations between layers live in files (``torch.from_file``,
-  memory-mapped) instead of device memory. The parent allocates each layer's outputs with
-  ``torch.empty_like(inps)``, so this mode re-states ``_observe``/``_propagate`` with a file-backed
-  allocator and per-sample device moves (see the note for the engine owner in the report: a
-  two-line ``_alloc``/``_sample`` hook in the parent would make these overrides unnecessary).
+  memory-mapped) instead of device memory: the parent's ``_alloc``/``_release`` buffer hooks
+  hand out and delete those files; its per-sample ``_sample`` moves each sample to the device.
 """
 from __future__ import annotations
 
@@ -30,7 +28,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..pruning.weights import engine as E
-from ..pruning.weights.stats import TargetStats, input_hooks
 from .store import LayerStore
 
 LayerDone = Callable[[int, nn.Module], None]
@@ -41,8 +38,8 @@ class StreamingEngine(E.SequentialEngine):
                  select: Callable[[Any], bool], counters: Any = None, gram: bool = False, desc: str = "prune",
                  on_layer_done: Optional[LayerDone] = None, layer_stats: Optional[dict] = None,
                  layer_observer: Optional[Callable[[Any, list[int]], Any]] = None,
-                 offload_dir: Optional[str | Path] = None, keep_final: bool = False) -> None:
-        super().__init__(store.model, store.adapter, calib, device, select, counters, gram, desc)
+                 offload_dir: Optional[str | Path] = None, keep_final: bool = False, final: bool = False) -> None:
+        super().__init__(store.model, store.adapter, calib, device, select, counters, gram, desc, final)
         self.store, self.on_layer_done = store, on_layer_done
         self.layer_stats, self.layer_observer, self.keep_final = layer_stats, layer_observer, keep_final
         self.offload = ActivationFiles(offload_dir) if offload_dir else None
@@ -66,12 +63,12 @@ class StreamingEngine(E.SequentialEngine):
                     args = E.to_device(cap.layer_args[l], self.device)
                     with self._layer_observer(l):
                         stats, outs = self._observe(l, layer, targets, inps, args, cap.hidden_as_kwarg)
-                    if process(l, targets, stats) and (l + 1 < len(layers) or self.keep_final):
-                        if self.offload:
-                            self.offload.drop(outs)
+                    changed = process(l, targets, stats)
+                    if (changed or outs is None) and (l + 1 < len(layers) or self.keep_final):
+                        if outs is not None:
+                            self._release(outs)
                         outs = self._propagate(l, layer, inps, args, cap.hidden_as_kwarg)
-                    if self.offload:
-                        self.offload.drop(inps)
+                    self._release(inps)
                     inps = outs
                 if self.on_layer_done is not None:
                     self.on_layer_done(l, layer)
@@ -80,8 +77,8 @@ class StreamingEngine(E.SequentialEngine):
             if self.keep_final:                       # the last layer's outputs (perplexity uses them)
                 self.final_hidden, inps = inps, None
         finally:
-            if self.offload and inps is not None:
-                self.offload.drop(inps)
+            if inps is not None:
+                self._release(inps)
 
     @contextmanager
     def _layer_observer(self, l: int) -> Iterator[None]:
@@ -101,41 +98,12 @@ class StreamingEngine(E.SequentialEngine):
             self.layer_stats[l] = st.to("cpu") if hasattr(st, "to") else st
 
     # ---- file-backed activations (offload mode only) ------------------------------------------
-    def _observe(self, l: int, layer: nn.Module, targets: list, inps: Tensor, args: tuple,
-                 as_kw: bool) -> tuple[dict[str, TargetStats], Tensor]:
-        if self.offload is None:
-            return super()._observe(l, layer, targets, inps, args, as_kw)
-        hooks = input_hooks(targets, self.gram)
-        want_experts = any(t.kind == "expert" for t in targets)
-        try:
-            with E._expert_observer(self.adapter, l, self.gram, want_experts) as obs:
-                outs, calls = self.offload.like(inps), None
-                with torch.no_grad():
-                    for j in range(inps.shape[0]):
-                        before = E._counts(obs, l)
-                        outs[j] = self._forward(layer, inps[j:j + 1].to(self.device), args, as_kw)[0].cpu()
-                        calls = E._add_calls(calls, before, E._counts(obs, l))
-                expert_stats = obs.stats.get(l) if obs is not None else None
-        finally:
-            for h in hooks.values():
-                h.remove()
-        E.check_finite(outs, f"layer {l} (output activations)")
-        stats = {name: h.result(self.device) for name, h in hooks.items()}
-        if want_experts:
-            stats.update(E._expert_target_stats(l, targets, expert_stats, calls, inps.shape[0]))
-        for name, st in stats.items():
-            E.check_finite(st.sq, f"layer {l} module {name} (input activations)")
-        return stats, outs
+    def _alloc(self, like: Tensor) -> Tensor:
+        return self.offload.like(like) if self.offload else super()._alloc(like)
 
-    def _propagate(self, l: int, layer: nn.Module, inps: Tensor, args: tuple, as_kw: bool) -> Tensor:
-        if self.offload is None:
-            return super()._propagate(l, layer, inps, args, as_kw)
-        outs = self.offload.like(inps)
-        with torch.no_grad():
-            for j in range(inps.shape[0]):
-                outs[j] = self._forward(layer, inps[j:j + 1].to(self.device), args, as_kw)[0].cpu()
-        E.check_finite(outs, f"layer {l} (output activations)")
-        return outs
+    def _release(self, buf: Tensor) -> None:
+        if self.offload:
+            self.offload.drop(buf)
 
 
 class ActivationFiles:

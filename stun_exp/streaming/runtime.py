@@ -95,7 +95,7 @@ class StreamingRuntime:
     def make_engine(self, ctx: Any, desc: str, select: Any, gram: bool = False, final: bool = False) -> Any:
         sink = self._output(select, nonzero_only=True) if final else None
         return StreamingEngine(self.store, ctx.calib, self.device, select, ctx.counters, gram=gram, desc=desc,
-                               on_layer_done=sink, offload_dir=self.offload_dir)
+                               on_layer_done=sink, offload_dir=self.offload_dir, final=final)
 
     def plan_experts(self, pruner: Any, ctx: Any) -> Any:
         import copy

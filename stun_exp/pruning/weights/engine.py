@@ -15,6 +15,13 @@
       process the pruner's callback (score -> allocate -> mask, or SparseGPT update)
       re-run  the pruned layer to produce layer l+1's inputs (skipped when nothing changed,
               and after the last layer, whose outputs feed nothing)
+
+In the pass that prunes (``final=True``) the observe forward's outputs are the dense layer's, which
+the re-run replaces, so from the second sample on the routed experts stop after their gating step
+(``ExpertObserver.outputs``): no down projections, a third of the experts' compute. Every statistic
+is the same; it only happens when, on the first sample, no targeted matrix read its input after
+the experts ran (such a matrix would read the experts' output). A layer whose observe outputs
+are incomplete is re-run even when nothing in it changed.
       return  the layer to its original device
 
 The engine knows no method; pruners plug in a ``process(l, targets, stats) -> bool`` callback.
@@ -114,9 +121,11 @@ class SequentialEngine:
 
     def __init__(self, model: nn.Module, adapter: Any, calib: Optional[Tensor], device: torch.device,
                  select: Callable[[Any], bool], counters: Any = None, gram: bool = False,
-                 desc: str = "prune") -> None:
+                 desc: str = "prune", final: bool = False) -> None:
         self.model, self.adapter, self.calib, self.device = model, adapter, calib, torch.device(device)
         self.select, self.counters, self.gram, self.desc = select, counters, gram, desc
+        self.final = final                       # the pass that prunes (module docstring)
+        self.partial_layers = 0                  # layers whose observe forward skipped the experts' output
         self.layer_forwards = 0
         self.layer_seconds: list[float] = []     # wall time per layer (observe + process + re-run)
 
@@ -139,7 +148,8 @@ class SequentialEngine:
             else:
                 args = to_device(cap.layer_args[l], self.device)
                 stats, outs = self._observe(l, layer, targets, inps, args, cap.hidden_as_kwarg)
-                if process(l, targets, stats) and l + 1 < len(layers):
+                changed = process(l, targets, stats)
+                if (changed or outs is None) and l + 1 < len(layers):
                     outs = self._propagate(l, layer, inps, args, cap.hidden_as_kwarg)
                 inps = outs
             layer.to(home)
@@ -160,6 +170,9 @@ class SequentialEngine:
         """Buffer for one layer's outputs (a subclass may return a file-backed CPU tensor)."""
         return torch.empty_like(like)
 
+    def _release(self, buf: Tensor) -> None:
+        """A buffer from ``_alloc`` that is no longer needed (a subclass may delete its file)."""
+
     def _sample(self, inps: Tensor, j: int) -> Tensor:
         """Sample j of the layer inputs, on the compute device, batch dimension kept."""
         return inps[j:j + 1].to(self.device)
@@ -173,32 +186,62 @@ class SequentialEngine:
         return outs
 
     def _observe(self, l: int, layer: nn.Module, targets: list, inps: Tensor, args: tuple,
-                 as_kw: bool) -> tuple[dict[str, TargetStats], Tensor]:
+                 as_kw: bool) -> tuple[dict[str, TargetStats], Optional[Tensor]]:
+        """(statistics of every target, the layer's outputs or None when they were not computed)."""
         for t in targets:
             if t.kind != "expert" and t.module is None:
                 raise DataError(f"layer {l} module {t.name}: no module to hook for its inputs")
-        hooks = input_hooks(targets, self.gram)
+        order = _ReadOrder()
+        hooks = input_hooks(targets, self.gram, on_read=order.read)
         want_experts = any(t.kind == "expert" for t in targets)
         try:
             with _expert_observer(self.adapter, l, self.gram, want_experts) as obs:
+                if obs is not None:
+                    obs.on_experts = order.experts
                 outs = self._alloc(inps)
                 calls = None
                 with torch.no_grad():
                     for j in range(inps.shape[0]):
+                        if j == 1 and obs is not None:
+                            obs.on_experts = None
+                            obs.outputs = not (self.final and order.experts_last())
                         before = _counts(obs, l)
                         outs[j] = self._forward(layer, self._sample(inps, j), args, as_kw)[0]
                         calls = _add_calls(calls, before, _counts(obs, l))
                 expert_stats = obs.stats.get(l) if obs is not None else None
+                partial = obs is not None and obs.skipped > 0
         finally:
             for h in hooks.values():
                 h.remove()
         check_finite(outs, f"layer {l} (output activations)")
+        if partial:            # the experts' share is missing: not the layer's outputs
+            self.partial_layers += 1
+            self._release(outs)
+            outs = None
         stats = {name: h.result(self.device) for name, h in hooks.items()}
         if want_experts:
             stats.update(_expert_target_stats(l, targets, expert_stats, calls, inps.shape[0]))
         for name, st in stats.items():
             check_finite(st.sq, f"layer {l} module {name} (input activations)")
         return stats, outs
+
+
+class _ReadOrder:
+    """Whether, in one layer forward, the routed experts ran after every targeted matrix had read
+    its input (then nothing targeted reads the experts' output, and it may be skipped)."""
+
+    def __init__(self) -> None:
+        self.experts_ran = False
+        self.read_after = False
+
+    def experts(self) -> None:
+        self.experts_ran = True
+
+    def read(self) -> None:
+        self.read_after = self.read_after or self.experts_ran
+
+    def experts_last(self) -> bool:
+        return self.experts_ran and not self.read_after
 
 
 def _device_of(module: nn.Module) -> torch.device:

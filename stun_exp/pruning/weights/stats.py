@@ -24,7 +24,7 @@ within-row ranking; it does change OWL's pooled outlier ratio (experts see fewer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -97,12 +97,15 @@ class InputHook:
     """Forward hook on a module: accumulates the statistics of its first input, flattened to C_in.
     Hooks given one ``SharedInputs`` compute the statistics of an input they share only once."""
 
-    def __init__(self, module: nn.Module, c_in: int, gram: bool, shared: SharedInputs) -> None:
-        self.c_in, self.want_gram, self.shared = c_in, gram, shared
+    def __init__(self, module: nn.Module, c_in: int, gram: bool, shared: SharedInputs,
+                 on_read: Optional[Callable[[], None]] = None) -> None:
+        self.c_in, self.want_gram, self.shared, self.on_read = c_in, gram, shared, on_read
         self.stats: Optional[TargetStats] = None
         self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+        if self.on_read is not None:
+            self.on_read()
         src = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
         if src.numel() == 0:
             return
@@ -130,7 +133,9 @@ class InputHook:
         self.shared.clear()
 
 
-def input_hooks(targets: list, gram: bool) -> dict[str, InputHook]:
-    """An ``InputHook`` per non-expert target, sharing the statistics of inputs they have in common."""
+def input_hooks(targets: list, gram: bool, on_read: Optional[Callable[[], None]] = None) -> dict[str, InputHook]:
+    """An ``InputHook`` per non-expert target, sharing the statistics of inputs they have in common
+    (``on_read``: called each time one of them sees an input)."""
     shared = SharedInputs()
-    return {t.name: InputHook(t.module, t.weight.shape[1], gram, shared) for t in targets if t.kind != "expert"}
+    return {t.name: InputHook(t.module, t.weight.shape[1], gram, shared, on_read)
+            for t in targets if t.kind != "expert"}
