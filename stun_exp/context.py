@@ -40,10 +40,10 @@ class RunContext:
             self.on_progress(stage, row)
 
     def make_engine(self, desc: str, select: Callable[[Any], bool], gram: bool = False,
-                    final: bool = False) -> Any:
+                    final: bool = False, weighted: bool = True) -> Any:
         """The sequential layer engine of this run's runtime (in memory when no runtime is set)."""
         if self.runtime is not None:
-            return self.runtime.make_engine(self, desc, select, gram=gram, final=final)
+            return self.runtime.make_engine(self, desc, select, gram=gram, final=final, weighted=weighted)
         from stun_exp.pruning.weights.engine import SequentialEngine
         return SequentialEngine(self.model, self.adapter, self.calib, self.device, select, self.counters,
-                                gram=gram, desc=desc, final=final)
+                                gram=gram, desc=desc, final=final, weighted=weighted)

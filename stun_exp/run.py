@@ -6,10 +6,11 @@ unstructured pruner -> distill -> analyse -> evaluate -> record. Every stage is 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -77,8 +78,26 @@ def _hydra_entry(cfg: DictConfig) -> Any:
 
 def main() -> None:
     from stun_exp.config.preflight import preflight
-    preflight(sys.argv[1:], CONF_DIR)
-    _hydra_entry()
+    found = preflight(sys.argv[1:], CONF_DIR)
+    if found is None:
+        _hydra_entry()
+        return
+    with _mode_known(found["hydra_mode"]):
+        _hydra_entry()
+
+
+@contextlib.contextmanager
+def _mode_known(mode: Any) -> Iterator[None]:
+    """Hydra composes a command's whole config once only to read ``hydra.mode`` (its ``get_mode``),
+    then composes it again to run: 0.3 s of a small run. The preflight has just composed this
+    single run and read that value, so Hydra is handed it instead of probing (hydra-core 1.3)."""
+    from hydra._internal.hydra import Hydra
+    probe = Hydra.get_mode
+    Hydra.get_mode = lambda self, config_name, overrides: mode
+    try:
+        yield
+    finally:
+        Hydra.get_mode = probe
 
 
 def cli() -> None:

@@ -77,3 +77,31 @@ def test_bad_value_fails_fast_with_one_line(tmp_path):
     assert "Traceback" not in r.stderr
     assert "hydra" in imported and not imported & {"torch", "transformers", "numpy"}
     assert not (tmp_path / "cache").exists()                          # nothing was built or loaded
+
+
+@pytest.mark.parametrize("extra", [[], ["hydra.mode=RUN"], ["hydra.mode=MULTIRUN"], ["sparsity=0.2,0.6"]])
+def test_preflight_hands_hydra_the_mode_its_own_probe_would_find(tmp_path, extra):
+    """A single run skips Hydra's mode probe (a whole compose) with the value the preflight read;
+    sweeps are left to the probe. The probe is restored after the run."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+
+    from stun_exp.config.preflight import preflight
+    from stun_exp.run import CONF_DIR, _mode_known
+    overrides = ["eval=none", f"out_root={tmp_path / 'out'}", *extra]
+    found = preflight(overrides, CONF_DIR)
+    GlobalHydra.instance().clear()
+    hydra = Hydra.create_main_hydra2(task_name="probe", config_search_path=create_config_search_path(str(CONF_DIR)))
+    try:
+        probed = hydra.get_mode("config", overrides)
+        if found is None:
+            assert probed is not None and probed.name == "MULTIRUN" or "," in extra[0]
+        else:
+            assert found == {"hydra_mode": probed}
+            original = Hydra.get_mode
+            with _mode_known(found["hydra_mode"]):
+                assert hydra.get_mode("config", ["no_such_key=1"]) == probed
+            assert Hydra.get_mode is original
+    finally:
+        GlobalHydra.instance().clear()

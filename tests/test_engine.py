@@ -298,3 +298,19 @@ def test_a_pruning_pass_that_changes_nothing_still_propagates_complete_outputs()
     assert eng.partial_layers == 2
     for j in range(3):
         assert torch.equal(got[j], seen["h"][j])
+
+
+def test_gate_weighted_sums_only_when_asked_and_nothing_else_changes():
+    """weighted=False (every score but MoE-Pruner's) skips the gate-weighted expert sums: gsq is
+    None, never a silent stand-in; sq and the counts are those of the weighted pass."""
+    calib = tiny_input(3, 10)
+    got = {}
+    for weighted in (True, False):
+        model = tiny_model("mixtral")
+        got[weighted] = {}
+        SequentialEngine(model, get_adapter(model), calib, torch.device("cpu"), lambda t: True,
+                         weighted=weighted).run(lambda l, t, s, w=weighted: got[w].update(s) or False)
+    experts = [n for n in got[True] if got[True][n].gsq is not None]
+    assert experts and all(got[False][n].gsq is None for n in experts)
+    for n, st in got[True].items():
+        assert torch.equal(st.sq, got[False][n].sq) and st.ncalls == got[False][n].ncalls

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from stun_exp.errors import ConfigError, DataError
 
@@ -19,16 +19,21 @@ MULTIRUN_FLAGS = ("-m", "--multirun")
 MAX_JOBS_CHECKED = 2000
 
 
-def preflight(argv: list[str], conf_dir: Path) -> None:
-    """Exit 2 with one line when any job of this command line would be refused."""
+def preflight(argv: list[str], conf_dir: Path) -> Optional[dict]:
+    """Exit 2 with one line when any job of this command line would be refused.
+
+    Returns ``{"hydra_mode": ...}`` for a single run (the ``hydra.mode`` value of the config it
+    composed, which is what Hydra's own mode probe would find), else None."""
     flags = [a for a in argv if a.startswith("-")]
     if any(f not in MULTIRUN_FLAGS for f in flags):
-        return
+        return None
     overrides = [a for a in argv if not a.startswith("-")]
+    found: dict = {}
     try:
-        check_jobs(job_overrides(overrides, conf_dir, multirun=bool(flags)), conf_dir)
+        check_jobs(job_overrides(overrides, conf_dir, multirun=bool(flags), found=found), conf_dir)
     except (ConfigError, DataError) as e:
         fail(str(e))
+    return found or None
 
 
 def fail(message: str) -> None:
@@ -47,9 +52,10 @@ def _compose(overrides: list[str], conf_dir: Path, hydra_cfg: bool = False) -> A
         raise ConfigError._raw("", None, one_line(e, overrides, conf_dir)) from None
 
 
-def job_overrides(overrides: list[str], conf_dir: Path, multirun: bool) -> list[Any]:
+def job_overrides(overrides: list[str], conf_dir: Path, multirun: bool, found: Optional[dict] = None) -> list[Any]:
     """Every job this command line launches: its task overrides (multirun), or, for a single run,
-    its composed config (composed once: it is also the one to check)."""
+    its composed config (composed once: it is also the one to check; its ``hydra.mode`` goes into
+    ``found``)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import open_dict
@@ -58,6 +64,8 @@ def job_overrides(overrides: list[str], conf_dir: Path, multirun: bool) -> list[
         full = _compose(overrides, conf_dir, hydra_cfg=True)
         if "MULTIRUN" not in str(full.hydra.mode):
             _check_folder("hydra.run.dir", full)
+            if found is not None:
+                found["hydra_mode"] = full.hydra.mode
             with open_dict(full):
                 del full["hydra"]
             return [full]

@@ -1,6 +1,6 @@
 """ExpertObserver: one calibration pass records per-MoE-layer routing and expert-input statistics.
 
-    with ExpertObserver(adapter, layers=None, gram=False, keep_logits=False) as obs:
+    with ExpertObserver(adapter, layers=None, gram=False, keep_logits=False, weighted=True) as obs:
         model(batch)                      # or a single decoder layer / MoE block forward
     obs.stats[l]                          # LayerStats (see stats.py)
 
@@ -158,8 +158,8 @@ class ExpertObserver:
     """Context manager recording ``LayerStats`` for the chosen MoE layers (default: all)."""
 
     def __init__(self, adapter: MoEAdapter, layers: Optional[list[int]] = None, gram: bool = False,
-                 keep_logits: bool = False) -> None:
-        self.adapter, self.gram, self.keep_logits = adapter, gram, keep_logits
+                 keep_logits: bool = False, weighted: bool = True) -> None:
+        self.adapter, self.gram, self.keep_logits, self.weighted = adapter, gram, keep_logits, weighted
         moe = adapter.moe_layers
         self.layers = list(moe if layers is None else layers)
         bad = [l for l in self.layers if l not in moe]
@@ -179,7 +179,7 @@ class ExpertObserver:
         if l not in self.stats:
             d = self.adapter.expert(l, 0)
             self.stats[l] = LayerStats(self.adapter.num_experts(l), d["gate"].shape[1], d["gate"].shape[0],
-                                       gram=self.gram, keep_logits=self.keep_logits)
+                                       gram=self.gram, keep_logits=self.keep_logits, weighted=self.weighted)
         return self.stats[l]
 
     def reset(self) -> None:

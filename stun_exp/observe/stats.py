@@ -9,6 +9,7 @@ Definitions (N tokens seen by the layer, k = top-k, routing = what the model rea
     gate_sum          Σ_{t→e} g_te                               [E]
     xsq / gxsq        Σ_{t→e} x_t² / Σ_{t→e} (g_te·x_t)²          [E, H]  inputs of gate/up
     hsq / ghsq        Σ_{t→e} h_te² / Σ_{t→e} (g_te·h_te)²        [E, I]  inputs of down
+                      (gxsq / ghsq only with weighted=True; they stay zero otherwise)
     gram_x / gram_h   Σ_{t→e} x_t x_tᵀ / h_te h_teᵀ               [E, H, H] / [E, I, I] (optional)
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ class LayerStats:
     inter: int
     gram: bool = False
     keep_logits: bool = False
+    weighted: bool = True
     tokens: int = 0
     logits_tokens: int = 0
     logits_sum: torch.Tensor = field(init=False)
@@ -109,8 +111,9 @@ def add_expert(st: LayerStats, e: int, x: torch.Tensor, h: torch.Tensor, g: torc
     x, h, g = x.detach().float(), h.detach().float(), g.detach().float()[:, None]
     st.xsq[e] += x.pow(2).sum(0)
     st.hsq[e] += h.pow(2).sum(0)
-    st.gxsq[e] += (g * x).pow(2).sum(0)
-    st.ghsq[e] += (g * h).pow(2).sum(0)
+    if st.weighted:
+        st.gxsq[e] += (g * x).pow(2).sum(0)
+        st.ghsq[e] += (g * h).pow(2).sum(0)
     if st.gram:
         st.gram_x[e] += x.T @ x
         st.gram_h[e] += h.T @ h

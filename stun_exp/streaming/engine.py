@@ -38,8 +38,9 @@ class StreamingEngine(E.SequentialEngine):
                  select: Callable[[Any], bool], counters: Any = None, gram: bool = False, desc: str = "prune",
                  on_layer_done: Optional[LayerDone] = None, layer_stats: Optional[dict] = None,
                  layer_observer: Optional[Callable[[Any, list[int]], Any]] = None,
-                 offload_dir: Optional[str | Path] = None, keep_final: bool = False, final: bool = False) -> None:
-        super().__init__(store.model, store.adapter, calib, device, select, counters, gram, desc, final)
+                 offload_dir: Optional[str | Path] = None, keep_final: bool = False, final: bool = False,
+                 weighted: bool = True) -> None:
+        super().__init__(store.model, store.adapter, calib, device, select, counters, gram, desc, final, weighted)
         self.store, self.on_layer_done = store, on_layer_done
         self.layer_stats, self.layer_observer, self.keep_final = layer_stats, layer_observer, keep_final
         self.offload = ActivationFiles(offload_dir) if offload_dir else None

@@ -92,10 +92,11 @@ class StreamingRuntime:
         return rep.finish(self.model, self.adapter)
 
     # ---- pruning --------------------------------------------------------------------------------
-    def make_engine(self, ctx: Any, desc: str, select: Any, gram: bool = False, final: bool = False) -> Any:
+    def make_engine(self, ctx: Any, desc: str, select: Any, gram: bool = False, final: bool = False,
+                    weighted: bool = True) -> Any:
         sink = self._output(select, nonzero_only=True) if final else None
         return StreamingEngine(self.store, ctx.calib, self.device, select, ctx.counters, gram=gram, desc=desc,
-                               on_layer_done=sink, offload_dir=self.offload_dir, final=final)
+                               on_layer_done=sink, offload_dir=self.offload_dir, final=final, weighted=weighted)
 
     def plan_experts(self, pruner: Any, ctx: Any) -> Any:
         import copy

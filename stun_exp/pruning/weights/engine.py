@@ -121,10 +121,11 @@ class SequentialEngine:
 
     def __init__(self, model: nn.Module, adapter: Any, calib: Optional[Tensor], device: torch.device,
                  select: Callable[[Any], bool], counters: Any = None, gram: bool = False,
-                 desc: str = "prune", final: bool = False) -> None:
+                 desc: str = "prune", final: bool = False, weighted: bool = True) -> None:
         self.model, self.adapter, self.calib, self.device = model, adapter, calib, torch.device(device)
         self.select, self.counters, self.gram, self.desc = select, counters, gram, desc
         self.final = final                       # the pass that prunes (module docstring)
+        self.weighted = weighted                 # record the gate-weighted expert sums (TargetStats.gsq)
         self.partial_layers = 0                  # layers whose observe forward skipped the experts' output
         self.layer_forwards = 0
         self.layer_seconds: list[float] = []     # wall time per layer (observe + process + re-run)
@@ -195,7 +196,7 @@ class SequentialEngine:
         hooks = input_hooks(targets, self.gram, on_read=order.read)
         want_experts = any(t.kind == "expert" for t in targets)
         try:
-            with _expert_observer(self.adapter, l, self.gram, want_experts) as obs:
+            with _expert_observer(self.adapter, l, self.gram, want_experts, self.weighted) as obs:
                 if obs is not None:
                     obs.on_experts = order.experts
                 outs = self._alloc(inps)
@@ -259,12 +260,12 @@ class _NullCtx:
         return None
 
 
-def _expert_observer(adapter: Any, l: int, gram: bool, wanted: bool) -> Any:
+def _expert_observer(adapter: Any, l: int, gram: bool, wanted: bool, weighted: bool = True) -> Any:
     """The adapter observer for layer l's routed experts (a context manager), or a no-op."""
     if not wanted:
         return _NullCtx()
     from stun_exp.observe.observer import ExpertObserver
-    return ExpertObserver(adapter, layers=[l], gram=gram)
+    return ExpertObserver(adapter, layers=[l], gram=gram, weighted=weighted)
 
 
 def _counts(obs: Any, l: int) -> Optional[Tensor]:
@@ -297,9 +298,10 @@ def _expert_target_stats(l: int, targets: list, st: Optional[dict], calls: Optio
         e, down = t.expert, t.matrix == "down"
         gram_key = "gram_h" if down else "gram_x"
         gram = _field(st, gram_key)
+        gsq = _field(st, "ghsq" if down else "gxsq") if _field(st, "weighted") is not False else None
         out[t.name] = TargetStats(
             sq=_field(st, "hsq" if down else "xsq")[e].float(),
-            gsq=_field(st, "ghsq" if down else "gxsq")[e].float(),
+            gsq=None if gsq is None else gsq[e].float(),
             gram=None if gram is None else gram[e].float(),
             ncalls=int(calls[e]) if calls is not None else 0,
             ntokens=int(_field(st, "count")[e]), nblock=nblock)

@@ -142,8 +142,11 @@ class UnstructuredPruner:
 
     def _engine(self, ctx: Any, desc: str, gram: bool = False, final: bool = False) -> SequentialEngine:
         """The run's engine (its runtime decides how layers are materialised); ``final``: the pass
-        whose layers are the pruned model (streaming writes them out as it goes)."""
-        return ctx.make_engine(desc=desc, select=self.is_targeted, gram=gram, final=final)
+        whose layers are the pruned model (streaming writes them out as it goes). The gate-weighted
+        expert sums are recorded only for a score that reads them (OWL's outlier pass scores with
+        the same statistic as the masks, or with Wanda's)."""
+        return ctx.make_engine(desc=desc, select=self.is_targeted, gram=gram, final=final,
+                               weighted=self.spec.stat == "gsq")
 
     def _layer_plan(self, ctx: Any, s: float, n_layers: int, report: dict) -> list[tuple]:
         """Per layer: (sparsity, nm or None): the same everywhere, or OWL's allocation."""
