@@ -15,14 +15,15 @@
       process the pruner's callback (score -> allocate -> mask, or SparseGPT update)
       re-run  the pruned layer to produce layer l+1's inputs (skipped when nothing changed,
               and after the last layer, whose outputs feed nothing)
+      return  the layer to its original device
 
 In the pass that prunes (``final=True``) the observe forward's outputs are the dense layer's, which
-the re-run replaces, so from the second sample on the routed experts stop after their gating step
-(``ExpertObserver.outputs``): no down projections, a third of the experts' compute. Every statistic
-is the same; it only happens when, on the first sample, no targeted matrix read its input after
-the experts ran (such a matrix would read the experts' output). A layer whose observe outputs
-are incomplete is re-run even when nothing in it changed.
-      return  the layer to its original device
+the re-run replaces, so from the second sample on fused routed experts stop after their gating
+step (``ExpertObserver.outputs``): no down projections, a third of the experts' compute. Every
+statistic is the same. It only happens when, on the first sample, no targeted matrix read its
+input after the experts ran (such a matrix might read the experts' output; a shared expert run
+after the routed ones keeps it off, conservatively). A layer whose observe outputs are incomplete
+is re-run even when nothing in it changed.
 
 The engine knows no method; pruners plug in a ``process(l, targets, stats) -> bool`` callback.
 Non-finite weights or activations raise DataError naming the layer and module.
