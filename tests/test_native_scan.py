@@ -131,3 +131,26 @@ def test_the_extension_is_built_where_a_c_compiler_is():
     if shutil.which(cc) is None:
         pytest.skip(f"no C compiler ({cc}) on this machine")
     assert wr.native is not None
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [5, 8, 2049, 70001])
+def test_the_simd_path_this_cpu_gets_equals_the_portable_one_bit_for_bit(dtype, n):
+    """The AVX2 path (where the CPU has it) and the SSE2 / plain C path: the same sums, counts and bits."""
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * torch.logspace(-8, 8, n)).to(dtype)
+    x[torch.rand(n, generator=g) < 0.3] = 0.0
+    x[1::97] = -0.0
+    x[2::389] = float("nan")
+    x[3::1009] = float("inf")
+    src = x.numpy() if dtype == torch.float32 else x.view(torch.int16).numpy()
+    out = {}
+    for portable in (False, True):
+        sums, zeros = np.zeros((-(-n // 4096), 4)), np.zeros(-(-n // 4096), dtype=np.int64)
+        bits = np.zeros(-(-n // 8), dtype=np.uint8)
+        wr.native.scan(src, wr._NATIVE_KINDS[dtype], 4096, sums, zeros, bits, portable)
+        out[portable] = (sums.view(np.int64).copy(), zeros, bits)    # compare bits, NaN included
+    for a, b in zip(out[False], out[True]):
+        assert np.array_equal(a, b)
+    assert wr.native.simd in ("avx2", "portable")
