@@ -5,7 +5,7 @@ product, four reductions, a comparison, a packing, a count), each one a pass ove
 every entry is read once. The summation order is fixed by this code, not by the compiler or the
 CPU: eight interleaved float32 lanes within blocks of BLOCK entries, added into float64 in lane
 order at the end of each block. The AVX2 path (x86-64 CPUs that have it, checked at import; about
-1.5x the SSE2 path's speed on one thread), the SSE2 path (every x86-64 CPU) and the plain C path
+1.3x the SSE2 path's speed on one thread), the SSE2 path (every x86-64 CPU) and the plain C path
 (other CPUs) perform the same operations in the same order, and the build turns off fused
 multiply-adds (-ffp-contract=off), so the sums are the same on every machine and for any thread count.
 
