@@ -90,14 +90,14 @@ def test_preflight_hands_hydra_the_mode_its_own_probe_would_find(tmp_path, extra
     from stun_exp.config.preflight import preflight
     from stun_exp.run import CONF_DIR, _mode_known
     overrides = ["eval=none", f"out_root={tmp_path / 'out'}", *extra]
+    sweep_or_multirun = extra in (["hydra.mode=MULTIRUN"], ["sparsity=0.2,0.6"])
     found = preflight(overrides, CONF_DIR)
     GlobalHydra.instance().clear()
     hydra = Hydra.create_main_hydra2(task_name="probe", config_search_path=create_config_search_path(str(CONF_DIR)))
     try:
         probed = hydra.get_mode("config", overrides)
-        if found is None:
-            assert probed is not None and probed.name == "MULTIRUN" or "," in extra[0]
-        else:
+        assert (found is None) == sweep_or_multirun
+        if found is not None:
             assert found == {"hydra_mode": probed}
             original = Hydra.get_mode
             with _mode_known(found["hydra_mode"]):

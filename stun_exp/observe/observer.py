@@ -69,7 +69,8 @@ def _observe_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
         out = torch.zeros_like(hidden_states)
         observe_tokens(st, hidden_states, top_k_index, top_k_weights, hidden_fn,
                        lambda e, h: ad.expert_output(l, e, h), out if obs.outputs else None)
-        obs.skipped += not obs.outputs
+        if not obs.outputs:
+            obs.skipped += 1
         return out
     with torch.no_grad():
         out, rows = _forward_keeping_hidden(self, prev, obs._prev_impl, hidden_states, top_k_index,
