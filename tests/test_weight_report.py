@@ -139,3 +139,31 @@ def test_an_error_in_a_worker_reaches_the_caller_and_restores_threads(monkeypatc
         torch.set_num_threads(before)
     targets = sum(len(ad.linear_targets(l)) for l in range(len(ad.layers)))
     assert len(calls) < targets          # the weights not started when it failed were dropped
+
+
+@pytest.mark.parametrize("task_bytes", [1, 1 << 12, 1 << 30])
+def test_the_read_does_not_depend_on_how_weights_are_batched(task_bytes, engine, monkeypatch):
+    """Workers take consecutive weights ``TASK_BYTES`` at a time (one weight per task, a few, all);
+    the parameters outside the targets (zeros in the embedding here) are counted beside them."""
+    from stun_exp.analysis import weight_report as wr
+    model = tiny_model("mixtral")
+    ad = get_adapter(model)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[::2] = 0
+        for l in range(len(ad.layers)):
+            for t in ad.linear_targets(l):
+                t.weight[t.weight.abs() < t.weight.abs().median()] = 0
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = weight_report(model, ad, nonzero_only=True)
+        monkeypatch.setattr(wr, "TASK_BYTES", task_bytes)
+        torch.set_num_threads(2)
+        batched = weight_report(model, ad, nonzero_only=True)
+    finally:
+        torch.set_num_threads(before)
+    assert batched == serial
+    assert batched["census"] == ledger.census(model, ad)
+    embedding = model.get_input_embeddings().weight
+    assert batched["census"]["all_params_nonzero"] <= (batched["census"]["all_params_numel"]
+                                                       - embedding.numel() // 2)

@@ -58,9 +58,10 @@ def census(model: torch.nn.Module, adapter: Any) -> dict[str, Any]:
                               [(l, t, t.weight.numel(), nonzero_count(t.weight)) for l, t in _targets(adapter)])
 
 
-def census_from_counts(model: torch.nn.Module, adapter: Any,
-                       counts: Iterable[tuple[int, Any, int, int]]) -> dict[str, Any]:
-    """``census`` from per-target (layer, target, numel, nonzero) counts already taken (one read)."""
+def census_from_counts(model: torch.nn.Module, adapter: Any, counts: Iterable[tuple[int, Any, int, int]],
+                       other_nonzero: Optional[int] = None) -> dict[str, Any]:
+    """``census`` from per-target (layer, target, numel, nonzero) counts already taken (one read);
+    ``other_nonzero``: the non-zeros of ``untiled_params`` when counted already."""
     dec_numel = dec_nz = routed_numel = routed_nz = 0
     per_layer: dict[int, dict[str, float]] = {}
     counts = list(counts)
@@ -72,7 +73,7 @@ def census_from_counts(model: torch.nn.Module, adapter: Any,
             pl["expert_numel"] += n
             pl["expert_nz"] += z
     all_numel = sum(p.numel() for p in model.parameters())
-    all_nz = all_nonzero(model, counts)
+    all_nz = all_nonzero(model, counts, other_nonzero)
     # zero_output surgery keeps the pruned experts' slots (router untouched): they are not experts
     experts = {l: adapter.num_experts(l) - len(_zeroed(adapter, l)) for l in adapter.moe_layers}
     k = adapter.top_k
@@ -88,23 +89,31 @@ def census_from_counts(model: torch.nn.Module, adapter: Any,
     }
 
 
-def all_nonzero(model: torch.nn.Module, counts: list[tuple[int, Any, int, int]]) -> int:
-    """Non-zeros of every parameter; storages the targets tile exactly reuse the targets' counts."""
-    by_storage: dict[int, list[int]] = {}
-    for _, t, n, z in counts:
-        acc = by_storage.setdefault(_storage(t.weight), [0, 0])
-        acc[0], acc[1] = acc[0] + n, acc[1] + z
+def all_nonzero(model: torch.nn.Module, counts: list[tuple[int, Any, int, int]],
+                other_nonzero: Optional[int] = None) -> int:
+    """Non-zeros of every parameter; storages the targets tile exactly reuse the targets' counts,
+    the others (``untiled_params``) are counted here unless ``other_nonzero`` gives their count."""
+    tiled, rest = _tiling(model, [(t.weight, n) for _, t, n, _ in counts])
+    total = sum(z for _, t, _, z in counts if _storage(t.weight) in tiled)
+    return total + (other_nonzero if other_nonzero is not None else sum(nonzero_count(p.data) for p in rest))
+
+
+def untiled_params(model: torch.nn.Module, weights: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters whose zeros a census counts itself: those in a storage that ``weights`` (the
+    targets' weights) do not tile exactly (embeddings, norms, a router left out of the targets)."""
+    return _tiling(model, [(w, w.numel()) for w in weights])[1]
+
+
+def _tiling(model: torch.nn.Module, weights: list[tuple[torch.Tensor, int]]) -> tuple[set[int], list[torch.Tensor]]:
+    """(the storages that ``weights`` (tensor, numel) tile exactly, every parameter in the others)."""
+    covered: dict[int, int] = {}
+    for w, n in weights:
+        covered[_storage(w)] = covered.get(_storage(w), 0) + n
     params: dict[int, list[torch.Tensor]] = {}
     for p in model.parameters():
         params.setdefault(_storage(p), []).append(p)
-    total = 0
-    for key, ps in params.items():
-        got = by_storage.get(key)
-        if got is not None and got[0] == sum(p.numel() for p in ps):
-            total += got[1]
-        else:
-            total += sum(nonzero_count(p.data) for p in ps)
-    return total
+    tiled = {key for key, ps in params.items() if covered.get(key) == sum(p.numel() for p in ps)}
+    return tiled, [p for key, ps in params.items() if key not in tiled for p in ps]
 
 
 def _storage(t: torch.Tensor) -> int:

@@ -22,14 +22,16 @@ equal, the kurtosis agrees to ~1e-6 relative):
     extension): a product, four reductions, a comparison and a bit packing per chunk.
 The kurtosis report records the engine(s) that read the weights (``sums``).
 
-On CPU the weights are read by ``torch.get_num_threads()`` worker threads, one weight each (the
-native scan releases the GIL; a torch worker runs torch single-threaded: a chain of short
-operations parallelises poorly inside one operation, while whole weights are independent). The
-digest is fed in target order by the calling thread. Each weight's sums are taken by one thread
-whatever the thread count, so the kurtosis does not depend on it.
+On CPU the weights are read by ``torch.get_num_threads()`` worker threads, a run of consecutive
+weights per task (the native scan releases the GIL; a torch worker runs torch single-threaded: a
+chain of short operations parallelises poorly inside one operation, while whole weights are
+independent). The census' other parameters (embeddings, norms) are counted by a worker beside
+them. The digest is fed in target order by the calling thread. Each weight's sums are taken by one
+thread whatever the thread count, so the kurtosis does not depend on it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections import deque
@@ -48,6 +50,7 @@ except ImportError:          # installed without a C compiler: the torch engine 
     native = None
 
 _NATIVE_KINDS = {torch.float32: 0, torch.bfloat16: 1}      # _scan.c's ``kind`` codes
+TASK_BYTES = 16 << 20      # weight bytes per worker task (see ``_scans``)
 
 Scan = tuple[int, K.Moments, list]     # (non-zero count, moments, the packed zero bits in pieces)
 
@@ -123,46 +126,89 @@ def _workers(weights: list[torch.Tensor]) -> int:
     return min(threads, len(weights))
 
 
-def _scans(weights: list[torch.Tensor], nonzero_only: bool, digest: bool, chunk: int) -> Iterator[Scan]:
-    """The scans of ``weights`` in order; at most two weights per worker in flight (bounds the zero
-    bits held for the digest)."""
+@contextlib.contextmanager
+def _readers(weights: list[torch.Tensor]) -> Iterator[Optional[ThreadPoolExecutor]]:
+    """The worker threads that read ``weights`` (None: the calling thread reads), each running torch
+    single-threaded; the caller's thread count is restored after (new threads inherit the setting
+    a worker changed)."""
     n = _workers(weights)
     if n == 0:
+        yield None
+        return
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(n, thread_name_prefix="weight-read", initializer=torch.set_num_threads,
+                              initargs=(1,))
+    try:
+        yield pool
+    finally:                        # also on an error or an early close: drop the tasks not started
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
+def _batches(weights: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
+    """Consecutive weights in groups of at least ``size`` bytes (the last may hold less)."""
+    out: list[list[torch.Tensor]] = [[]]
+    held = 0
+    for w in weights:
+        if held >= size:
+            out.append([])
+            held = 0
+        out[-1].append(w)
+        held += w.numel() * w.element_size()
+    return [b for b in out if b]
+
+
+def _scans(weights: list[torch.Tensor], nonzero_only: bool, digest: bool, chunk: int,
+           pool: Optional[ThreadPoolExecutor]) -> Iterator[Scan]:
+    """The scans of ``weights`` in order. The workers take consecutive weights ``TASK_BYTES`` at a
+    time (a task per weight spent more time handing weights and results between threads than a
+    small expert's scan takes), at most two tasks per worker in flight (bounds the zero bits held
+    for the digest)."""
+    if pool is None:
         reader = _Reader(chunk)
         for w in weights:
             yield _scan(w, nonzero_only, digest, reader)
         return
     local = threading.local()
 
-    def one(w: torch.Tensor) -> Scan:
+    def task(ws: list[torch.Tensor]) -> list[Scan]:
         if not hasattr(local, "reader"):
-            torch.set_num_threads(1)           # this worker's own setting (OpenMP's is per thread)
             local.reader = _Reader(chunk)
-        return _scan(w, nonzero_only, digest, local.reader)
+        return [_scan(w, nonzero_only, digest, local.reader) for w in ws]
 
-    threads, pending = torch.get_num_threads(), deque()
-    pool = ThreadPoolExecutor(n, thread_name_prefix="weight-read")
+    pending: deque = deque()
     try:
-        for w in weights:
-            pending.append(pool.submit(one, w))
-            if len(pending) >= 2 * n:
-                yield pending.popleft().result()
+        for ws in _batches(weights, TASK_BYTES):
+            pending.append(pool.submit(task, ws))
+            if len(pending) >= 2 * _workers(weights):
+                yield from pending.popleft().result()
         while pending:
-            yield pending.popleft().result()
-    finally:                        # also on an error or an early close: drop the weights not started
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)     # the default new threads inherit, which a worker changed
+            yield from pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
 
 
 def read_targets(items: Iterable[tuple[int, Any]], nonzero_only: bool, digest: Optional[Any],
-                 chunk: int = K.CHUNK) -> list[tuple[int, Any, int, int, K.Moments]]:
+                 chunk: int = K.CHUNK, pool: Optional[ThreadPoolExecutor] = None
+                 ) -> list[tuple[int, Any, int, int, K.Moments]]:
     """(layer, target, numel, non-zero count, moments) of each (layer, target) in ``items``, read
     once; their headers and zero bits go to the running ``digest`` (``sparsity.new_digest``, when
-    given) in order, as ``sparsity.digest_layer`` writes them."""
+    given) in order, as ``sparsity.digest_layer`` writes them. ``pool``: the ``_readers`` to use
+    (by default, its own)."""
     items = list(items)
+    weights = [t.weight for _, t in items]
+    if pool is None:
+        with _readers(weights) as own:
+            return _read(items, weights, nonzero_only, digest, chunk, own)
+    return _read(items, weights, nonzero_only, digest, chunk, pool)
+
+
+def _read(items: list[tuple[int, Any]], weights: list[torch.Tensor], nonzero_only: bool,
+          digest: Optional[Any], chunk: int, pool: Optional[ThreadPoolExecutor]) -> list:
     chunk = max(8, chunk - chunk % 8)
     rows = []
-    scans = _scans([t.weight for _, t in items], nonzero_only, digest is not None, chunk)
+    scans = _scans(weights, nonzero_only, digest is not None, chunk, pool)
     try:
         for (nz, mom, bits), (l, t) in zip(scans, items):
             if digest is not None:
@@ -171,8 +217,12 @@ def read_targets(items: Iterable[tuple[int, Any]], nonzero_only: bool, digest: O
                     digest.update(b)
             rows.append((l, t, t.weight.numel(), nz, mom))
     finally:
-        scans.close()           # on an error: stop the workers, restore the thread count
+        scans.close()           # on an error: drop the tasks not started
     return rows
+
+
+def _nonzeros(tensors: list[torch.Tensor]) -> int:
+    return sum(S.nonzero_count(p.data) for p in tensors)
 
 
 def weight_report(model: torch.nn.Module, adapter: Any, nonzero_only: bool = False,
@@ -182,9 +232,14 @@ def weight_report(model: torch.nn.Module, adapter: Any, nonzero_only: bool = Fal
     given). ``digest=False`` skips the zero-pattern hash (``mask_digest`` is then None)."""
     h = S.new_digest() if digest else None
     items = [(l, t) for l in range(len(adapter.layers)) for t in adapter.linear_targets(l)]
-    rows = read_targets(items, nonzero_only, h, chunk)
+    weights = [t.weight for _, t in items]
+    others = S.untiled_params(model, weights)
+    with _readers(weights) as pool:     # the census' other parameters are counted beside the scans
+        other_nz = pool.submit(_nonzeros, others) if pool is not None else None
+        rows = read_targets(items, nonzero_only, h, chunk, pool)
+        other = other_nz.result() if other_nz is not None else _nonzeros(others)
     counts = [(l, t, n, nz) for l, t, n, nz, _ in rows]
-    out = {"census": S.census_from_counts(model, adapter, counts),
+    out = {"census": S.census_from_counts(model, adapter, counts, other),
            "kurtosis": K.report_from_moments([(l, t, mom) for l, t, _, _, mom in rows], nonzero_only,
                                              engines(t.weight for _, t in items)),
            "mask_digest": h.hexdigest()[:16] if h is not None else None}
