@@ -104,3 +104,25 @@ def test_balanced_row_mask_hits_matrix_total_and_matches_loop(s):
     assert torch.equal(got, naive)
     assert int(got.sum()) == round(7 * 16 * s)
     assert torch.equal(row_mask(sc, s), _naive_row(sc, s))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_apply_mask_writes_what_masked_fill_writes_bit_for_bit(dtype):
+    """+0.0 in every pruned entry (also where the weight was negative, -0.0, NaN or inf), every
+    kept entry untouched; on a whole matrix and on a strided view of a stacked expert tensor."""
+    from stun_exp.pruning.weights.masks import apply_mask_
+    g = torch.Generator().manual_seed(0)
+    stacked = torch.randn(3, 24, 40, generator=g).to(dtype)
+    stacked.view(-1)[::11] = float("nan")
+    stacked.view(-1)[5::13] = float("-inf")
+    stacked.view(-1)[7::17] = -0.0
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[stacked.element_size()]
+    for view in (lambda t: t[1], lambda t: t[2].t(), lambda t: t[0, ::2, 3:35]):
+        w = stacked.clone()
+        target = view(w)
+        mask = torch.rand(target.shape, generator=g) < 0.5
+        expected = w.clone()
+        view(expected).masked_fill_(mask, 0)
+        apply_mask_(target, mask)
+        assert torch.equal(w.view(ints), expected.view(ints))
+        assert (view(w)[mask].view(ints) == 0).all() and not (view(w)[~mask].view(ints) == 0).all()
