@@ -24,7 +24,8 @@ What each tool's figures include: stun-exp "model" = ``load_pretrained`` plus th
 of transformers' modelling code (it imports lazily); llm-compressor "model load" =
 ``from_pretrained`` inside ``load_quantizable_moe`` after ``import llmcompressor`` (which has
 already imported that code, counted in its "import" figure). "whole" is comparable: process start
-to exit, the pruned checkpoint saved by both.
+to exit, the pruned checkpoint saved by both, each tool's own modules byte-compiled beforehand (pip
+compiles llm-compressor's at install; stun-exp's source tree is compiled by this script).
 
     python benchmarks/bench_vs_llmcompressor.py                 # both shapes, 3 repeats (long)
     python benchmarks/bench_vs_llmcompressor.py --quick         # small shape, Wanda + SparseGPT 50 %, 1 repeat
@@ -288,6 +289,10 @@ def main() -> None:
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     py = ensure_venv(Path(args.venv), args.torch, args.llmc, args.torch_index)
+    # stun-exp's modules byte-compiled up front, as pip compiles llm-compressor's at install: where
+    # PYTHONDONTWRITEBYTECODE is set, a source checkout would otherwise be recompiled in every run
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "stun_exp")], check=True,
+                   capture_output=True)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()} at start; threads={args.threads or 'default'}")
     table = []
     for shape in args.shapes:
