@@ -137,7 +137,10 @@ def test_the_extension_is_built_where_a_c_compiler_is():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [5, 8, 2049, 70001])
 def test_the_simd_path_this_cpu_gets_equals_the_portable_one_bit_for_bit(dtype, n):
-    """The AVX2 path (where the CPU has it) and the SSE2 / plain C path: the same sums, counts and bits."""
+    """The AVX2 path and the SSE2 / plain C path: the same sums, counts and bits."""
+    assert wr.native.simd in ("avx2", "portable")
+    if wr.native.simd != "avx2":
+        pytest.skip("this CPU has no AVX2: the portable path is the only one")
     g = torch.Generator().manual_seed(n)
     x = (torch.randn(n, generator=g) * torch.logspace(-8, 8, n)).to(dtype)
     x[torch.rand(n, generator=g) < 0.3] = 0.0
@@ -153,4 +156,3 @@ def test_the_simd_path_this_cpu_gets_equals_the_portable_one_bit_for_bit(dtype, 
         out[portable] = (sums.view(np.int64).copy(), zeros, bits)    # compare bits, NaN included
     for a, b in zip(out[False], out[True]):
         assert np.array_equal(a, b)
-    assert wr.native.simd in ("avx2", "portable")

@@ -98,13 +98,22 @@ def _new_thread_default() -> int:
     return seen[0]
 
 
-def test_the_read_does_not_depend_on_the_thread_count(engine):
+def _half_zeroed_mixtral(embedding_zeros: bool = False):
+    """A tiny mixtral whose targets lost the lower half of their magnitudes (and, if asked, every
+    other embedding row), with its adapter."""
     model = tiny_model("mixtral")
     ad = get_adapter(model)
     with torch.no_grad():
+        if embedding_zeros:
+            model.get_input_embeddings().weight[::2] = 0
         for l in range(len(ad.layers)):
             for t in ad.linear_targets(l):
                 t.weight[t.weight.abs() < t.weight.abs().median()] = 0
+    return model, ad
+
+
+def test_the_read_does_not_depend_on_the_thread_count(engine):
+    model, ad = _half_zeroed_mixtral()
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -146,13 +155,7 @@ def test_the_read_does_not_depend_on_how_weights_are_batched(task_bytes, engine,
     """Workers take consecutive weights ``TASK_BYTES`` at a time (one weight per task, a few, all);
     the parameters outside the targets (zeros in the embedding here) are counted beside them."""
     from stun_exp.analysis import weight_report as wr
-    model = tiny_model("mixtral")
-    ad = get_adapter(model)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[::2] = 0
-        for l in range(len(ad.layers)):
-            for t in ad.linear_targets(l):
-                t.weight[t.weight.abs() < t.weight.abs().median()] = 0
+    model, ad = _half_zeroed_mixtral(embedding_zeros=True)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -95,7 +95,12 @@ def all_nonzero(model: torch.nn.Module, counts: list[tuple[int, Any, int, int]],
     the others (``untiled_params``) are counted here unless ``other_nonzero`` gives their count."""
     tiled, rest = _tiling(model, [(t.weight, n) for _, t, n, _ in counts])
     total = sum(z for _, t, _, z in counts if _storage(t.weight) in tiled)
-    return total + (other_nonzero if other_nonzero is not None else sum(nonzero_count(p.data) for p in rest))
+    return total + (other_nonzero if other_nonzero is not None else nonzero_total(rest))
+
+
+def nonzero_total(tensors: Iterable[torch.Tensor]) -> int:
+    """Non-zeros of all ``tensors`` together (parameters: their data is counted)."""
+    return sum(nonzero_count(t.data) for t in tensors)
 
 
 def untiled_params(model: torch.nn.Module, weights: Iterable[torch.Tensor]) -> list[torch.Tensor]:

@@ -177,10 +177,11 @@ def _scans(weights: list[torch.Tensor], nonzero_only: bool, digest: bool, chunk:
         return [_scan(w, nonzero_only, digest, local.reader) for w in ws]
 
     pending: deque = deque()
+    in_flight = 2 * _workers(weights)
     try:
         for ws in _batches(weights, TASK_BYTES):
             pending.append(pool.submit(task, ws))
-            if len(pending) >= 2 * _workers(weights):
+            if len(pending) >= in_flight:
                 yield from pending.popleft().result()
         while pending:
             yield from pending.popleft().result()
@@ -221,10 +222,6 @@ def _read(items: list[tuple[int, Any]], weights: list[torch.Tensor], nonzero_onl
     return rows
 
 
-def _nonzeros(tensors: list[torch.Tensor]) -> int:
-    return sum(S.nonzero_count(p.data) for p in tensors)
-
-
 def weight_report(model: torch.nn.Module, adapter: Any, nonzero_only: bool = False,
                   is_targeted: Optional[Callable[[Any], bool]] = None, digest: bool = True,
                   chunk: int = K.CHUNK) -> dict[str, Any]:
@@ -235,9 +232,9 @@ def weight_report(model: torch.nn.Module, adapter: Any, nonzero_only: bool = Fal
     weights = [t.weight for _, t in items]
     others = S.untiled_params(model, weights)
     with _readers(weights) as pool:     # the census' other parameters are counted beside the scans
-        other_nz = pool.submit(_nonzeros, others) if pool is not None else None
+        other_nz = pool.submit(S.nonzero_total, others) if pool is not None else None
         rows = read_targets(items, nonzero_only, h, chunk, pool)
-        other = other_nz.result() if other_nz is not None else _nonzeros(others)
+        other = other_nz.result() if other_nz is not None else S.nonzero_total(others)
     counts = [(l, t, n, nz) for l, t, n, nz, _ in rows]
     out = {"census": S.census_from_counts(model, adapter, counts, other),
            "kurtosis": K.report_from_moments([(l, t, mom) for l, t, _, _, mom in rows], nonzero_only,

@@ -44,12 +44,12 @@ class LayerCensus:
 
     def finish(self, model: nn.Module, adapter: Any) -> dict[str, Any]:
         """The census dict, adding every parameter outside the decoder layers (counted once if tied)."""
-        from ..analysis.sparsity import nonzero_count
+        from ..analysis.sparsity import nonzero_total
         c, k = self.c, adapter.top_k
         in_layers = {id(p) for p in adapter.layers.parameters()}
         rest = [p for p in model.parameters() if id(p) not in in_layers]
         all_numel = c["layer_numel"] + sum(p.numel() for p in rest)
-        all_nz = c["layer_nz"] + sum(nonzero_count(p.data) for p in rest)
+        all_nz = c["layer_nz"] + nonzero_total(rest)
         act = sum(k * v["expert_numel"] / max(self.experts[l], 1) for l, v in self.per_layer.items())
         act_nz = sum(k * v["expert_nz"] / max(self.experts[l], 1) for l, v in self.per_layer.items())
         return {
